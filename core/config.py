@@ -1,0 +1,277 @@
+"""`RunConfig`: the one object that travels from the UI or the command line to the engine.
+
+It round-trips through JSON and YAML, and every run folder keeps the resolved copy it ran with, so a
+run can be re-run from its saved config. Loading validates every field and names the bad one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.errors import ConfigError
+
+TASKS = ("classification", "ner")
+METHODS = ("groups", "full", "head", "bitfit", "last_n", "lora")
+DATA_FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "conll", "at", "hub")
+
+
+@dataclass
+class DataConfig:
+    """Where the task data is and how to read it."""
+
+    task: str = "classification"  # classification | ner
+    train: str = ""  # file path, or a `datasets` id when the Hub can be reached
+    validation: str | None = None  # file; if absent, a seeded (stratified) split of train
+    test: str | None = None  # file; if absent, `test_fraction` of train (0 = no test split)
+    format: str = "auto"  # auto | csv | tsv | json | jsonl | conll | at (text@label lines) | hub
+    encoding: str = "utf-8"  # e.g. latin-1 for Financial PhraseBank
+    text_column: str | None = None  # classification; auto-detected when absent
+    label_column: str | None = None  # classification; auto-detected when absent
+    token_column: str | None = None  # ner: JSON key, or CoNLL column index (default 0)
+    tag_column: str | None = None  # ner: JSON key, or CoNLL column index (default -1, the last)
+    hub_config: str | None = None  # `datasets` config name for hub ids
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.0
+    max_train_samples: int | None = None  # take a seeded random subset (quick experiments)
+    max_eval_samples: int | None = None
+    max_length: int = 128  # tokens; classification truncates, NER uses overlapping windows
+    stride: int = 32  # NER: tokens shared by consecutive windows of a long sentence
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"  # "minilm" (embedded all-MiniLM-L6-v2), a local folder, or a Hub id
+    trust_remote_code: bool = False  # only when the user asks: runs code shipped with the model
+
+
+@dataclass
+class GroupsConfig:
+    strategy: str = "layer"  # layer | module | rules (see core/groups.py)
+    options: dict[str, Any] = field(default_factory=dict)  # strategy options, e.g. {"rules": [...]}
+
+
+@dataclass
+class MethodConfig:
+    """Which parameters are trained. The task head is always trained."""
+
+    name: str = "groups"  # groups | full | head | bitfit | last_n | lora
+    select: list[str] = field(default_factory=list)  # groups: group names or globs ("layer.*")
+    last_n: int = 2  # last_n: how many top blocks
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float | None = None  # None: the method's default (see DEFAULT_LR)
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    seed: int = 42
+    patience: int = 2  # early stopping: evaluations without improvement; 0 disables
+    metric: str | None = None  # validation metric for early stopping; None: the task's headline
+    eval_steps: int | None = None  # None: evaluate (and checkpoint) every epoch
+    threads: int | None = None  # torch CPU threads; None: all cores
+    group_by_length: bool = True  # batches of similar length: less padding, same data
+
+
+# Partially trained models want higher learning rates than full fine-tuning (DESIGN.md, measured).
+DEFAULT_LR = {"full": 5e-5, "groups": 1e-4, "last_n": 1e-4, "head": 1e-3, "bitfit": 1e-3, "lora": 1e-3}
+
+HEADLINE_METRIC = {"classification": "macro_f1", "ner": "entity_f1"}
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    groups: GroupsConfig = field(default_factory=GroupsConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_id: str | None = None  # None: generated from time and method
+    runs_dir: str = "runs"
+    init_from: str | None = None  # parent run id: start from its tuned weights (lineage)
+    notes: str = ""
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        config = _build(cls, data, "")
+        config.validate()
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        """Read a `.json`, `.yaml` or `.yml` config file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("config", f"file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as e:
+            raise ConfigError("config", f"{path} is not valid {path.suffix.lstrip('.').upper()}: {e}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError("config", f"{path} must hold a mapping of fields, not {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def dump(self, path: str | Path) -> None:
+        from core.fileio import atomic_write_json, atomic_write_text
+
+        path = Path(path)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            atomic_write_json(path, self.to_dict())
+
+    # ---- derived values ------------------------------------------------------------------------
+    @property
+    def learning_rate(self) -> float:
+        return self.train.learning_rate if self.train.learning_rate is not None else DEFAULT_LR[self.method.name]
+
+    @property
+    def metric(self) -> str:
+        return self.train.metric or HEADLINE_METRIC[self.data.task]
+
+    def validate(self) -> None:
+        """Check values that types alone cannot; raise ConfigError naming the field."""
+        d, m, t = self.data, self.method, self.train
+        _choice("data.task", d.task, TASKS)
+        _choice("data.format", d.format, DATA_FORMATS)
+        _choice("method.name", m.name, METHODS)
+        for name, value in [("data.validation_fraction", d.validation_fraction), ("data.test_fraction", d.test_fraction)]:
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(name, f"must be in [0, 1), got {value}")
+        if d.validation_fraction + d.test_fraction >= 1.0:
+            raise ConfigError("data.test_fraction", "validation_fraction + test_fraction must leave training data")
+        _positive("data.max_length", d.max_length)
+        if not 0 <= d.stride < d.max_length // 2:
+            raise ConfigError("data.stride", f"must be in [0, max_length/2), got {d.stride}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(d, name)
+            if value is not None:
+                _positive(f"data.{name}", value)
+        if m.name == "groups" and not m.select:
+            raise ConfigError("method.select", "method 'groups' needs at least one group name or pattern")
+        _positive("method.last_n", m.last_n)
+        _positive("method.lora_r", m.lora_r)
+        _positive("method.lora_alpha", m.lora_alpha)
+        if m.name == "lora" and not m.lora_targets:
+            raise ConfigError("method.lora_targets", "LoRA needs at least one target module name")
+        if t.learning_rate is not None:
+            _positive("train.learning_rate", t.learning_rate)
+        if t.max_steps <= 0:
+            _positive("train.epochs", t.epochs)
+        for name in ("batch_size", "eval_batch_size", "grad_accum"):
+            _positive(f"train.{name}", getattr(t, name))
+        if t.weight_decay < 0:
+            raise ConfigError("train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+        if not 0.0 <= t.warmup_ratio < 1.0:
+            raise ConfigError("train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
+        if t.patience < 0:
+            raise ConfigError("train.patience", f"must be >= 0, got {t.patience}")
+        if t.eval_steps is not None:
+            _positive("train.eval_steps", t.eval_steps)
+        if t.threads is not None:
+            _positive("train.threads", t.threads)
+        if self.run_id is not None:
+            from core.runs import check_run_id
+
+            check_run_id(self.run_id, field="run_id")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(name, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(name, f"must be > 0, got {value}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking field names and value types."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "config", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(where, f"unknown field; known fields here: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if value is None:
+        raise ConfigError(path, "must not be empty")
+    if origin is list:
+        if isinstance(value, str):  # "a,b" from a flag or a terse YAML
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list, got {type(value).__name__}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(path, f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(path, f"expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(path, f"expected an integer, got {value!r}") from None
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(path, f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(path, f"expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a CoNLL column index given as a number
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected text, got {type(value).__name__}")
+        return value
+    return value

@@ -1,0 +1,114 @@
+"""Metrics, computed locally with scikit-learn and seqeval (no Hub metric scripts: they fail offline).
+
+Classification: sklearn's classification report, accuracy, macro / micro / weighted F1, confusion matrix.
+NER: seqeval's entity-level report (the honest NER metric: an entity counts only when its whole span
+and type are right; CoNLL `conlleval` rules) as the headline, with the token-level report beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from seqeval.metrics import classification_report as entity_report
+from seqeval.metrics import f1_score as entity_f1
+from seqeval.metrics import precision_score as entity_precision
+from seqeval.metrics import recall_score as entity_recall
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+)
+
+
+def classification_metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict[str, Any]:
+    """Scalars (accuracy and F1s) plus the full report and confusion matrix (rows: true, cols: predicted)."""
+    return {
+        **classification_scalars(y_true, y_pred, labels),
+        "n": len(y_true),
+        "report": classification_report(y_true, y_pred, labels=labels, output_dict=True, zero_division=0),
+        "confusion_matrix": {"labels": labels, "matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist()},
+    }
+
+
+def classification_scalars(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict[str, float]:
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "micro_f1": float(f1_score(y_true, y_pred, labels=labels, average="micro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+    }
+
+
+def ner_metrics(true_tags: list[list[str]], pred_tags: list[list[str]], labels: list[str]) -> dict[str, Any]:
+    """Entity-level (headline) and token-level reports for tag sequences."""
+    flat_true = [t for seq in true_tags for t in seq]
+    flat_pred = [t for seq in pred_tags for t in seq]
+    return {
+        **ner_scalars(true_tags, pred_tags),
+        "n": len(true_tags),
+        "entity_report": _plain(entity_report(true_tags, pred_tags, output_dict=True, zero_division=0)),
+        "token_report": classification_report(flat_true, flat_pred, labels=labels, output_dict=True, zero_division=0),
+    }
+
+
+def ner_scalars(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dict[str, float]:
+    flat_true = [t for seq in true_tags for t in seq]
+    flat_pred = [t for seq in pred_tags for t in seq]
+    return {
+        "entity_f1": float(entity_f1(true_tags, pred_tags, zero_division=0)),
+        "entity_precision": float(entity_precision(true_tags, pred_tags, zero_division=0)),
+        "entity_recall": float(entity_recall(true_tags, pred_tags, zero_division=0)),
+        "token_accuracy": float(accuracy_score(flat_true, flat_pred)) if flat_true else 0.0,
+    }
+
+
+def _plain(report: dict) -> dict:
+    """seqeval returns numpy numbers: make the report JSON-ready."""
+    return {k: {m: (int(v) if m == "support" else float(v)) for m, v in d.items()} for k, d in report.items()}
+
+
+def format_report(section: dict[str, Any]) -> str:
+    """A per-label table (like sklearn's text report) from a classification or NER metrics dict."""
+    from core.groups import format_table
+
+    report = section.get("entity_report") or section.get("report") or {}
+    rows = [("label", "precision", "recall", "f1", "support")]
+    for label, m in report.items():
+        if isinstance(m, dict):
+            rows.append((label, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1-score']:.4f}", str(int(m["support"]))))
+    scalars = [f"{k} {v:.4f}" for k, v in section.items() if isinstance(v, float)]
+    return format_table(rows) + "\n" + "  ".join(scalars)
+
+
+def evaluate_run(run, data_path: str, overrides: dict[str, Any] | None = None, name: str | None = None,
+                 batch_size: int = 64) -> dict[str, Any]:
+    """Evaluate a completed run's tuned model on another data file (e.g. a held-out test set).
+
+    The file is read with the run's data options (format, columns, encoding), which `overrides` can
+    change. Labels must be ones the run was trained on. The result goes to `eval/<name>.json` in the
+    run, with per-example predictions beside it.
+    """
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from core.data import check_labels, read_examples
+    from core.delta import load_run_model
+    from core.models import load_tokenizer
+    from core.tasks import make_task, predict_logits, prediction_records
+
+    config = run.config()
+    data_cfg = dataclasses.replace(config.data, **(overrides or {}))
+    examples = read_examples(data_path, data_cfg)
+    labels = run.labels()
+    check_labels(data_cfg.task, examples, labels, data_path)
+    model = load_run_model(run)
+    task = make_task(data_cfg.task, load_tokenizer(config.model), labels, data_cfg.max_length, data_cfg.stride)
+    enc = task.encode(examples)
+    predictions = task.predict(examples, enc, predict_logits(model, task, enc, batch_size))
+    result = {"run_id": run.id, "data": str(data_path), "metric": config.metric, **task.metrics(examples, predictions)}
+    name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data_path).stem).strip("-.") or "eval"
+    run.write_json(f"eval/{name}.json", result)
+    run.write_jsonl(f"eval/{name}.predictions.jsonl", prediction_records(examples, predictions))
+    return result

