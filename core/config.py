@@ -62,7 +62,7 @@ class GroupsConfig:
 class MethodConfig:
     """Which parameters are trained. The task head is always trained."""
 
-    name: str = "groups"  # groups | full | head | bitfit | last_n | lora
+    name: str = "last_n"  # groups | full | head | bitfit | last_n | lora
     select: list[str] = field(default_factory=list)  # groups: group names or globs ("layer.*")
     last_n: int = 2  # last_n: how many top blocks
     lora_r: int = 8

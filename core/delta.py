@@ -36,7 +36,7 @@ def load_delta(run: Run) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise RunError(f"run {run.id!r} has no {DELTA_FILE} (state: {run.status().get('state')}); only completed runs can be loaded")
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
 def apply_delta(model: nn.Module, delta: dict[str, torch.Tensor], source: str) -> None:

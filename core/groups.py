@@ -9,10 +9,10 @@ Strategies:
             (BERT: `embeddings`, `pooler`; Llama: `embed_tokens`, `norm`), and `head`.
     module  within each block: `layer.<i>.attention` (q/k/v/o), `layer.<i>.ffn`, `layer.<i>.norm`
             (and `layer.<i>.bias` with separate_biases); outside blocks as in `layer`.
-    rules   user rules `{match, group}`. A rule matches a parameter name when `match` starts with
-            "." and the name ends with it (a suffix), or else when the regular expression `match`
-            matches the whole name (an exact name is such a regex). Two rules matching one
-            parameter is an error naming both.
+    rules   user rules `{match, group}`. A `match` made of a dot and name characters only
+            (`.q_proj.weight`) is a suffix: it matches names ending with it. Any other `match` is a
+            regular expression that must match the whole name (`layer\.\d+\.mlp\..*`); an exact
+            parameter name is such a regex. Two rules matching one parameter is an error naming both.
 
 The block list is found generically: the `nn.ModuleList` of identical modules holding the most
 parameters (`bert.encoder.layer`, `model.layers`, ...), so no per-model name tables are needed.
@@ -30,6 +30,8 @@ from torch import nn
 
 from core.errors import ConfigError
 from core.models import head_param_names
+
+SUFFIX = re.compile(r"\.[\w.]+")  # ".q_proj.weight": a suffix rule; anything else is a regex
 
 
 @dataclass(frozen=True)
@@ -288,7 +290,7 @@ def _compile_rule(i: int, rule: Any) -> tuple[str, str, Callable[[str], bool]]:
     match, group = rule["match"], rule["group"]
     if not isinstance(match, str) or not match or not isinstance(group, str) or not group.strip():
         raise ConfigError(where, "'match' and 'group' must be non-empty text")
-    if match.startswith("."):
+    if SUFFIX.fullmatch(match):
         return match, group, lambda name: name.endswith(match)
     try:
         pattern = re.compile(match)

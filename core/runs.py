@@ -137,7 +137,7 @@ def runs_root(config_or_dir: RunConfig | str | Path) -> Path:
 
 def create_run(config: RunConfig) -> Run:
     """Make the run folder (refusing to overwrite an existing run) and save the config."""
-    run_id = check_run_id(config.run_id) if config.run_id else new_run_id(config)
+    run_id = check_run_id(config.run_id) if config.run_id is not None else new_run_id(config)
     root = runs_root(config)
     path = root / run_id
     if config.run_id is None:  # generated ids: add a counter rather than collide

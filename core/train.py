@@ -7,6 +7,7 @@ folder (status.json, metrics.jsonl), so it can be started as `python -m core tra
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import resource
@@ -38,6 +39,9 @@ from core.methods import Plan, apply_method
 from core.models import load_task_model, load_tokenizer
 from core.runs import Run, create_run, open_run
 from core.tasks import make_task, predict_logits, prediction_records
+
+# Checkpoint saves warn that a CPU model's layers "were not sharded" (tensor parallelism): noise here.
+logging.getLogger("transformers.distributed.tensor_parallel").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -215,6 +219,8 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
         "best_checkpoint_metric": trainer.state.best_metric,
         "learning_rate": config.learning_rate,
         "peak_rss_mb": peak_rss_mb(),
+        # What the optimizer held: equals the plan's trainable count (frozen tensors never enter it).
+        "optimizer_params": sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]),
         "delta_bytes": delta_bytes,
         "wall_seconds": round(time.perf_counter() - t0, 2),
     }

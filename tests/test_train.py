@@ -1,0 +1,171 @@
+"""Selective training end to end on a tiny in-process BERT: frozen parameters stay bit-identical, the
+optimizer holds only trainable tensors, deltas reproduce logits, runs survive interruption."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import RunConfig
+from core.delta import load_run_model
+from core.errors import DataError, RunError
+from core.models import load_task_model
+from core.runs import list_runs, open_run
+from core.tasks import NerTask
+from core.train import RunLogger, resume, train
+
+
+def make_config(model, data, runs, task="classification", method="groups", run_id=None, **train_kw) -> RunConfig:
+    train_cfg = {"epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "weight_decay": 0.1, "patience": 0, **train_kw}
+    return RunConfig.from_dict({
+        "data": {"task": task, "train": str(data), "max_length": 32, "stride": 4},
+        "model": {"name": str(model)},
+        "method": {"name": method, "select": ["layer.1"], "last_n": 1, "lora_targets": ["query", "value"], "lora_r": 2},
+        "train": train_cfg,
+        "runs_dir": str(runs),
+        "run_id": run_id,
+    })
+
+
+def batch_logits(model, tokenizer_dir, texts=("the movie was very good", "john visited paris")):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    enc = tok(list(texts), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model.eval()(**enc).logits
+
+
+@pytest.mark.parametrize(("task", "method"), [("classification", "groups"), ("classification", "last_n"),
+                                              ("classification", "head"), ("ner", "bitfit")])
+def test_frozen_parameters_stay_bit_identical(tiny_bert, sentiment_csv, ner_conll, tmp_path, task, method):
+    data = sentiment_csv if task == "classification" else ner_conll
+    result = train(make_config(tiny_bert, data, tmp_path, task, method), progress=False)
+    labels = result.report["labels"]
+    base = dict(load_task_model(result.run.config().model, task, labels).named_parameters())
+    trained_names = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    changed = 0
+    for name, param in result.model.named_parameters():
+        if name in trained_names:
+            changed += not torch.equal(param, base[name])
+        else:
+            assert torch.equal(param, base[name]), f"frozen {name} changed"
+    assert changed > 0, "nothing was trained"
+    plan = result.report["method"]
+    assert result.report["training"]["optimizer_params"] == plan["trainable"] == sum(
+        p.numel() for n, p in result.model.named_parameters() if n in trained_names)
+    if method == "bitfit":
+        assert all(n.endswith(".bias") or n.startswith("classifier.") for n in trained_names)
+    if method == "head":
+        assert trained_names == {"classifier.weight", "classifier.bias"}
+
+
+@pytest.mark.parametrize("method", ["groups", "lora", "full"])
+def test_saved_delta_reproduces_logits_exactly(tiny_bert, sentiment_csv, tmp_path, method):
+    result = train(make_config(tiny_bert, sentiment_csv, tmp_path, method=method, epochs=1), progress=False)
+    expected = batch_logits(result.model, tiny_bert)
+    reloaded = load_run_model(open_run(result.run.id, tmp_path))
+    assert torch.equal(batch_logits(reloaded, tiny_bert), expected)
+    delta_names = set(__import__("safetensors.torch", fromlist=["load_file"]).load_file(result.run.file("delta.safetensors")))
+    assert delta_names == {n for n, p in result.model.named_parameters() if p.requires_grad}
+    if method == "lora":
+        assert any("lora_A" in n for n in delta_names) and not any("query.base_layer" in n for n in delta_names)
+
+
+def test_validation_metric_in_report_is_the_best_checkpoint_metric(tiny_bert, ner_conll, tmp_path):
+    # Regression: Trainer length-groups evaluation batches; metrics must still see the right order.
+    result = train(make_config(tiny_bert, ner_conll, tmp_path, task="ner", epochs=3, patience=2), progress=False)
+    report = result.report
+    assert report["validation"]["entity_f1"] == pytest.approx(report["training"]["best_checkpoint_metric"])
+    assert set(report["validation"]["entity_report"]) >= {"PER", "micro avg"}
+    assert "O" in report["validation"]["token_report"]
+
+
+def test_run_folder_holds_everything_a_ui_polls(tiny_bert, sentiment_csv, tmp_path):
+    result = train(make_config(tiny_bert, sentiment_csv, tmp_path), progress=False)
+    run = result.run
+    for name in ("config.json", "labels.json", "data.json", "groups.json", "status.json", "metrics.jsonl",
+                 "report.json", "delta.safetensors", "predictions/validation.jsonl"):
+        assert run.file(name).is_file(), name
+    assert not run.file("checkpoints").exists()  # removed on success: the delta is the product
+    kinds = {m.get("kind") for m in run.metrics()}
+    assert {"train", "eval"} <= kinds
+    status = run.status()
+    assert status["state"] == "completed" and "macro_f1" in status["headline"]
+    assert [r["run_id"] for r in list_runs(tmp_path)] == [run.id]
+    saved = run.config()
+    assert saved.train.learning_rate == 1e-2 and saved.train.metric == "macro_f1"  # resolved, re-runnable
+    report = run.read_json("report.json")
+    assert report["validation"]["confusion_matrix"]["labels"] == ["neg", "pos"]
+
+
+def test_interrupted_run_is_marked_and_resumes_from_its_checkpoint(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
+    original = RunLogger.on_step_end
+
+    def interrupt_at_step_5(self, args, state, control, **kw):
+        if state.global_step == 5:
+            raise KeyboardInterrupt
+        return original(self, args, state, control, **kw)
+
+    monkeypatch.setattr(RunLogger, "on_step_end", interrupt_at_step_5)
+    config = make_config(tiny_bert, sentiment_csv, tmp_path, eval_steps=2, run_id="resumable")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False)
+    run = open_run("resumable", tmp_path)
+    assert run.status()["state"] == "interrupted"
+    assert run.latest_checkpoint().endswith("checkpoint-4")
+    monkeypatch.setattr(RunLogger, "on_step_end", original)
+    result = resume("resumable", str(tmp_path), progress=False)
+    assert result.run.status()["state"] == "completed"
+    assert any(m.get("event") == "resume" for m in run.metrics())
+    with pytest.raises(RunError, match="is completed; only failed or interrupted"):
+        resume("resumable", str(tmp_path), progress=False)
+
+
+def test_failed_run_is_marked_with_its_error(tiny_bert, tmp_path):
+    config = make_config(tiny_bert, tmp_path / "missing.csv", tmp_path, run_id="broken")
+    with pytest.raises(DataError, match="file not found"):
+        train(config, progress=False)
+    status = open_run("broken", tmp_path).status()
+    assert status["state"] == "failed" and "file not found" in status["error"]
+
+
+def test_retuning_starts_from_the_parent_and_keeps_lineage(tiny_bert, sentiment_csv, tmp_path):
+    parent = train(make_config(tiny_bert, sentiment_csv, tmp_path, method="lora", run_id="parent"), progress=False)
+    config = make_config("minilm", sentiment_csv, tmp_path, method="groups", run_id="child", epochs=1)
+    config.init_from = "parent"
+    child = train(config, progress=False)
+    saved = child.run.config()
+    assert saved.init_from == "parent" and saved.model.name == str(tiny_bert)  # the parent's base model
+    reloaded = load_run_model(child.run)
+    assert torch.equal(batch_logits(reloaded, tiny_bert), batch_logits(child.model, tiny_bert))
+    # What the child froze is the parent's tuned (LoRA-merged) model, not the base model.
+    tuned = dict(load_run_model(parent.run, merge=True).named_parameters())
+    frozen = [(n, p) for n, p in child.model.named_parameters() if not p.requires_grad]
+    assert frozen and all(torch.equal(p, tuned[n]) for n, p in frozen)
+    base = dict(load_task_model(saved.model, "classification", ["neg", "pos"]).named_parameters())
+    assert not torch.equal(tuned["bert.encoder.layer.0.attention.self.query.weight"],
+                           base["bert.encoder.layer.0.attention.self.query.weight"])
+
+
+def test_ner_long_sentences_are_split_into_windows_and_reassembled(tiny_bert):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    labels = ["O", "B-LOC", "B-PER"]
+    tags = [labels[i % 3] for i in range(40)]
+    examples = [{"tokens": ["john", "visited", "paris", "the"] * 10, "tags": tags}, {"tokens": ["mary"], "tags": ["B-PER"]}]
+    task = NerTask(tok, labels, max_length=12, stride=4)
+    enc = task.encode(examples)
+    assert enc.sample_of.count(0) > 3  # the long sentence became several windows
+    # Logits that make each window predict the gold tag at every word's first sub-token.
+    width = max(len(w) for w in enc.word_ids)
+    logits = np.zeros((len(enc.word_ids), width, len(labels)), dtype=np.float32)
+    for f, (s, wids) in enumerate(zip(enc.sample_of, enc.word_ids)):
+        for j, w in enumerate(wids):
+            if w is not None:
+                logits[f, j, labels.index(examples[s]["tags"][w])] = 1.0
+    predictions = task.predict(examples, enc, logits)
+    assert [p["tags"] for p in predictions] == [ex["tags"] for ex in examples]
+    assert task.metrics(examples, predictions)["entity_f1"] == 1.0
