@@ -32,8 +32,20 @@ TRAIN_FLAGS: list[tuple[str, str, str]] = [
     ("--max-eval-samples", "data.max_eval_samples", "use a seeded random subset of validation/test"),
     ("--max-length", "data.max_length", "max tokens per input (NER: window size)"),
     ("--model", "model.name", "'minilm' (embedded), a model folder, or a Hub id"),
-    ("--strategy", "groups.strategy", "expert-group strategy: layer | module | rules"),
-    ("--method", "method.name", "groups | full | head | bitfit | last_n | lora"),
+    ("--strategy", "groups.strategy", "expert-group strategy: layer | module | ffn_clusters | rules"),
+    ("--experts", "groups.options.experts", "ffn_clusters: experts per block"),
+    ("--cluster-features", "groups.options.features", "ffn_clusters: weights | coactivation"),
+    ("--method", "method.name", "camel | groups | random_groups | full | head | bitfit | last_n | lora"),
+    ("--scorer", "method.scorer", "camel: gradient | activation | random"),
+    ("--rule", "method.rule", "camel: auto | cumulative | top_k | budget"),
+    ("--p", "method.p", "camel: cumulative score threshold in (0, 1]"),
+    ("--scope", "method.scope", "camel: cumulative threshold global | layer"),
+    ("--top-k", "method.top_k", "camel: number of groups for rule top_k"),
+    ("--budget", "method.budget", "camel / random_groups: fraction of the model's parameters"),
+    ("--include", "method.include", "camel: groups always trained (names or globs)"),
+    ("--exclude", "method.exclude", "camel: groups never trained (names or globs)"),
+    ("--score-batches", "method.score_batches", "camel: task batches used for scoring"),
+    ("--match-run", "method.match_run", "random_groups: a run whose trained size to match"),
     ("--select", "method.select", "groups to train, comma-separated names or globs (e.g. layer.4,layer.5)"),
     ("--last-n", "method.last_n", "last_n: number of top blocks to train"),
     ("--lora-r", "method.lora_r", "LoRA rank"),
@@ -105,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, field, help_text in TRAIN_FLAGS:
         p.add_argument(flag, dest=_dest(flag), default=None, help=f"{help_text} [{field}]")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("score", help="score expert groups on task data and show the selection camel would make",
+                       description="Relevance scores, task complexity and the selection, without training. "
+                                   "Takes the same config and flags as train.")
+    p.add_argument("--config", help="RunConfig file (.yaml, .yml or .json)")
+    p.add_argument("--rules", help="YAML/JSON file with {match, group} rules (groups.options.rules)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None, help="model.trust_remote_code")
+    p.add_argument("--json", action="store_true", help="print the selection as JSON")
+    for flag, field, help_text in TRAIN_FLAGS:
+        if flag not in ("--run-id", "--init-from", "--resume"):
+            p.add_argument(flag, dest=_dest(flag), default=None, help=f"{help_text} [{field}]")
+    p.set_defaults(func=cmd_score, run_id=None, init_from=None)
 
     p = sub.add_parser("eval", help="evaluate a completed run on another data file")
     p.add_argument("run", help="run id")
@@ -200,6 +224,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from core.train import prepare
+
+    config = train_config(args)
+    if config.method.name not in ("camel",):
+        config.method.name = "camel"
+    prep = prepare(config)
+    sel = prep.selection
+    if args.json:
+        print(json.dumps(sel.to_dict(), indent=2))
+        return 0
+    c, scoring = sel.complexity, sel.scoring
+    print(f"task complexity {c.value:.3f}  (labels {c.components['labels']:.3f}, probe {c.components['probe']:.3f}, "
+          f"spread {c.components['spread']:.3f})")
+    print(f"  {c.num_labels} labels, label entropy {c.label_entropy:.3f}, {c.train_size:,} training examples, "
+          f"{c.mean_length:.1f} tokens each")
+    print(f"  untrained head loss {c.head_loss:.3f} (chance {c.chance_loss:.3f}); linear probe accuracy "
+          f"{c.probe_accuracy:.3f} vs majority {c.majority_accuracy:.3f}")
+    print(f"scoring: {scoring['scorer']} on {scoring['batches']} batches ({scoring['examples']} examples) in {scoring['seconds']:.2f} s")
+    settings = ", ".join(f"{k} {v}" for k, v in sel.settings.items() if v is not None)
+    print(f"selection: rule {sel.rule} ({settings}): {len(sel.selected)} groups, "
+          f"{sel.selected_params:,} parameters ({100 * sel.selected_params / sel.total_params:.2f} % of the model)\n")
+    print(sel.table())
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from core.evaluate import evaluate_run, format_report
     from core.runs import open_run
@@ -275,9 +325,12 @@ def _read_rules(path: str) -> list:
 
 def _quiet_libraries() -> None:
     """Library chatter (load reports, weight-loading bars) hides the run's own output."""
+    import warnings
+
     import datasets
     import transformers
 
+    warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()

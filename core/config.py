@@ -19,7 +19,9 @@ import yaml
 from core.errors import ConfigError
 
 TASKS = ("classification", "ner")
-METHODS = ("groups", "full", "head", "bitfit", "last_n", "lora")
+METHODS = ("camel", "groups", "random_groups", "full", "head", "bitfit", "last_n", "lora")
+SCORERS = ("gradient", "activation", "random")
+RULES = ("auto", "cumulative", "top_k", "budget")
 DATA_FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "conll", "at", "hub")
 
 
@@ -54,7 +56,7 @@ class ModelConfig:
 
 @dataclass
 class GroupsConfig:
-    strategy: str = "layer"  # layer | module | rules (see core/groups.py)
+    strategy: str | None = None  # layer | module | ffn_clusters | rules; None: ffn_clusters for camel, else layer
     options: dict[str, Any] = field(default_factory=dict)  # strategy options, e.g. {"rules": [...]}
 
 
@@ -62,8 +64,20 @@ class GroupsConfig:
 class MethodConfig:
     """Which parameters are trained. The task head is always trained."""
 
-    name: str = "last_n"  # groups | full | head | bitfit | last_n | lora
+    name: str = "camel"  # camel | groups | random_groups | full | head | bitfit | last_n | lora
     select: list[str] = field(default_factory=list)  # groups: group names or globs ("layer.*")
+    # camel: score groups on task data, then select (core/scoring.py, core/select.py)
+    scorer: str = "gradient"  # gradient | activation | random
+    rule: str = "auto"  # auto (task complexity -> p and budget) | cumulative | top_k | budget
+    p: float | None = None  # cumulative: normalised score to reach (auto: from complexity)
+    scope: str | None = None  # "layer": reach p within each layer (ESFT); "global"; None: layer unless strategy is layer
+    top_k: int | None = None  # top_k: number of groups
+    budget: float | None = None  # budget / cap: fraction of the model's parameters (auto: from complexity)
+    include: list[str] = field(default_factory=list)  # always trained (names or globs)
+    exclude: list[str] = field(default_factory=list)  # never trained; wins over scores and include
+    score_batches: int = 4  # task batches the scorer sees
+    # random_groups: random groups as large as this run's trained part (or `budget` when no run is given)
+    match_run: str | None = None
     last_n: int = 2  # last_n: how many top blocks
     lora_r: int = 8
     lora_alpha: int = 16
@@ -90,7 +104,8 @@ class TrainConfig:
 
 
 # Partially trained models want higher learning rates than full fine-tuning (DESIGN.md, measured).
-DEFAULT_LR = {"full": 5e-5, "groups": 1e-4, "last_n": 1e-4, "head": 1e-3, "bitfit": 1e-3, "lora": 1e-3}
+DEFAULT_LR = {"full": 5e-5, "camel": 2e-4, "groups": 2e-4, "random_groups": 2e-4, "last_n": 2e-4,
+              "head": 1e-3, "bitfit": 1e-3, "lora": 1e-3}
 
 HEADLINE_METRIC = {"classification": "macro_f1", "ner": "entity_f1"}
 
@@ -152,6 +167,15 @@ class RunConfig:
     def metric(self) -> str:
         return self.train.metric or HEADLINE_METRIC[self.data.task]
 
+    def resolve(self) -> None:
+        """Fill the defaults that depend on other fields, so the saved config states what ran."""
+        if self.groups.strategy is None:
+            self.groups.strategy = "ffn_clusters" if self.method.name == "camel" else "layer"
+        if self.method.scope is None:
+            self.method.scope = "global" if self.groups.strategy == "layer" else "layer"
+        self.train.learning_rate = self.learning_rate
+        self.train.metric = self.metric
+
     def validate(self) -> None:
         """Check values that types alone cannot; raise ConfigError naming the field."""
         d, m, t = self.data, self.method, self.train
@@ -172,6 +196,25 @@ class RunConfig:
                 _positive(f"data.{name}", value)
         if m.name == "groups" and not m.select:
             raise ConfigError("method.select", "method 'groups' needs at least one group name or pattern")
+        _choice("method.scorer", m.scorer, SCORERS)
+        _choice("method.rule", m.rule, RULES)
+        if m.scope is not None:
+            _choice("method.scope", m.scope, ("global", "layer"))
+        if m.p is not None and not 0.0 < m.p <= 1.0:
+            raise ConfigError("method.p", f"must be in (0, 1], got {m.p}")
+        if m.budget is not None and not 0.0 < m.budget <= 1.0:
+            raise ConfigError("method.budget", f"a fraction of the model's parameters in (0, 1], got {m.budget}")
+        if m.top_k is not None:
+            _positive("method.top_k", m.top_k)
+        if m.name == "camel" and m.rule == "top_k" and m.top_k is None:
+            raise ConfigError("method.top_k", "rule 'top_k' needs top_k")
+        if m.name == "camel" and m.rule == "budget" and m.budget is None:
+            raise ConfigError("method.budget", "rule 'budget' needs budget")
+        if m.name == "camel" and m.rule == "cumulative" and m.p is None:
+            raise ConfigError("method.p", "rule 'cumulative' needs p")
+        if m.name == "random_groups" and m.match_run is None and m.budget is None:
+            raise ConfigError("method.match_run", "random_groups needs a run to match in size (match_run) or a budget")
+        _positive("method.score_batches", m.score_batches)
         _positive("method.last_n", m.last_n)
         _positive("method.lora_r", m.lora_r)
         _positive("method.lora_alpha", m.lora_alpha)
@@ -207,6 +250,11 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(name, f"must be > 0, got {value}")
+
+
+def build_dataclass(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build any config dataclass from a mapping, with field-named errors (used for strategy options)."""
+    return _build(cls, data, prefix)
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

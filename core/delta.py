@@ -66,8 +66,8 @@ def load_run_model(run: Run, merge: bool = False) -> nn.Module:
         model = load_run_model(open_run(config.init_from, config.runs_dir), merge=True)
     else:
         model = load_task_model(config.model, config.data.task, labels)
-    part = partition(model, config.groups.strategy, config.groups.options)
-    model, _ = apply_method(model, part, config.method)
+    if config.method.name == "lora":  # the delta names adapter tensors: wrap the model the same way
+        model, _ = apply_method(model, partition(model, "layer"), config.method)
     apply_delta(model, load_delta(run), f"run {run.id!r}")
     if merge and config.method.name == "lora":
         model = model.merge_and_unload()

@@ -9,6 +9,8 @@ Strategies:
             (BERT: `embeddings`, `pooler`; Llama: `embed_tokens`, `norm`), and `head`.
     module  within each block: `layer.<i>.attention` (q/k/v/o), `layer.<i>.ffn`, `layer.<i>.norm`
             (and `layer.<i>.bias` with separate_biases); outside blocks as in `layer`.
+    ffn_clusters  as `module`, but each block's FFN neurons split into E experts
+            `layer.<i>.expert.<e>` (slices of the FFN weights; see core/experts.py).
     rules   user rules `{match, group}`. A `match` made of a dot and name characters only
             (`.q_proj.weight`) is a suffix: it matches names ending with it. Any other `match` is a
             regular expression that must match the whole name (`layer\.\d+\.mlp\..*`); an exact
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from core.errors import ConfigError
@@ -37,13 +40,17 @@ SUFFIX = re.compile(r"\.[\w.]+")  # ".q_proj.weight": a suffix rule; anything el
 @dataclass(frozen=True)
 class ExpertGroup:
     name: str
-    kind: str  # embeddings | block | attention | ffn | norm | bias | head | other | rule | unmatched
-    params: tuple[str, ...]
-    numel: int
+    kind: str  # embeddings | block | attention | ffn | norm | bias | head | other | rule | unmatched | expert
+    params: tuple[str, ...]  # whole tensors; for an expert, the tensors it owns slices of
+    numel: int  # parameters the group owns (for an expert: the entries of its slices)
     layer: int | None = None
+    slices: dict[str, tuple[int, list[int]]] | None = None  # expert: param -> (dim, indices along dim)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "layer": self.layer, "numel": self.numel, "params": list(self.params)}
+        out = {"name": self.name, "kind": self.kind, "layer": self.layer, "numel": self.numel, "params": list(self.params)}
+        if self.slices:
+            out["slices"] = {n: {"dim": d, "indices": idx} for n, (d, idx) in self.slices.items()}
+        return out
 
 
 @dataclass
@@ -63,8 +70,16 @@ class Partition:
         raise KeyError(name)
 
     def group_of(self) -> dict[str, str]:
-        """Parameter name -> group name."""
-        return {p: g.name for g in self.groups for p in g.params}
+        """Parameter name -> group name, for tensors owned whole by one group (not expert slices)."""
+        return {p: g.name for g in self.groups if not g.slices for p in g.params}
+
+    def sliced_params(self) -> dict[str, list[str]]:
+        """Parameter name -> the expert groups owning slices of it."""
+        out: dict[str, list[str]] = {}
+        for g in self.groups:
+            for p in g.slices or {}:
+                out.setdefault(p, []).append(g.name)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "total_params": self.total_params, "groups": [g.to_dict() for g in self.groups]}
@@ -119,10 +134,14 @@ def register(name: str, config_cls: type):
     return wrap
 
 
-def partition(model: nn.Module, strategy: str = "layer", options: dict[str, Any] | None = None) -> Partition:
-    """Partition `model` with the strategy registered as `strategy`, configured by `options`."""
+def partition(model: nn.Module, strategy: str = "layer", options: dict[str, Any] | None = None,
+              calibration: list[dict] | None = None) -> Partition:
+    """Partition `model` with the strategy registered as `strategy`, configured by `options`.
+    `calibration` (a few task batches) is used by strategies that look at activations."""
     if strategy not in STRATEGIES:
         raise ConfigError("groups.strategy", f"{strategy!r} is not one of {', '.join(STRATEGIES)}")
+    from core.config import build_dataclass
+
     config_cls, fn = STRATEGIES[strategy]
     options = dict(options or {})
     known = {f.name for f in dataclasses.fields(config_cls)}
@@ -130,7 +149,8 @@ def partition(model: nn.Module, strategy: str = "layer", options: dict[str, Any]
     if unknown:
         raise ConfigError(f"groups.options.{unknown[0]}", f"unknown option for strategy {strategy!r}; "
                           f"known: {', '.join(sorted(known)) or 'none'}")
-    result = fn(model, config_cls(**options))
+    config = build_dataclass(config_cls, options, "groups.options")  # checks and converts value types
+    result = fn(model, config, calibration) if strategy == "ffn_clusters" else fn(model, config)
     _check_complete(model, result)
     return result
 
@@ -144,6 +164,14 @@ class LayerConfig:
 @dataclass
 class ModuleConfig:
     separate_biases: bool = False  # biases of each block in their own `layer.<i>.bias` group
+
+
+@dataclass
+class FFNClustersConfig:
+    experts: int = 8  # E: experts per block
+    features: str = "weights"  # "weights": input-weight rows; "coactivation": activations on task data
+    seed: int = 0
+    iters: int = 20  # balanced k-means iterations
 
 
 @dataclass
@@ -161,6 +189,48 @@ def partition_layers(model: nn.Module, config: LayerConfig) -> Partition:
 @register("module", ModuleConfig)
 def partition_modules(model: nn.Module, config: ModuleConfig) -> Partition:
     anatomy = inspect_model(model)
+    role = _module_roles(model, config.separate_biases)
+    return _assemble(model, "module", lambda name: _outer_group(name, anatomy, lambda i, rest: role(i, rest, name)))
+
+
+@register("ffn_clusters", FFNClustersConfig)
+def partition_ffn_clusters(model: nn.Module, config: FFNClustersConfig, calibration: list[dict] | None = None) -> Partition:
+    """Per block: E experts `layer.<i>.expert.<e>` over the FFN neurons, plus the module groups
+    (attention, norm, and `ffn` for what no neuron owns, such as the FFN output bias)."""
+    from core.experts import balanced_kmeans, find_ffns, neuron_features, neuron_slices
+
+    if config.features not in ("weights", "coactivation"):
+        raise ConfigError("groups.options.features", f"must be 'weights' or 'coactivation', got {config.features!r}")
+    if config.features == "coactivation" and not calibration:
+        raise ConfigError("groups.options.features", "'coactivation' clusters neurons by their activations on task data; "
+                          "it needs calibration batches (given when training or scoring a run)")
+    anatomy = inspect_model(model)
+    ffns = find_ffns(model, anatomy.blocks_prefix, anatomy.num_blocks)
+    acts = _ffn_activations(model, ffns, calibration) if config.features == "coactivation" else None
+    experts: list[ExpertGroup] = []
+    sliced: set[str] = set()
+    params = dict(model.named_parameters())
+    for ffn in ffns:
+        feats = acts[ffn.layer] if acts is not None else neuron_features(model, ffn)
+        clusters = balanced_kmeans(feats, config.experts, seed=config.seed + ffn.layer, iters=config.iters)
+        for e, neurons in enumerate(clusters):
+            slices = neuron_slices(model, ffn, neurons)
+            numel = sum(len(idx) * params[n].numel() // params[n].shape[dim] for n, (dim, idx) in slices.items())
+            experts.append(ExpertGroup(f"layer.{ffn.layer}.expert.{e}", "expert", tuple(slices), numel, ffn.layer, slices))
+            sliced.update(slices)
+    role = _module_roles(model, False)
+    rest = _assemble(model, "ffn_clusters",
+                     lambda name: _outer_group(name, anatomy, lambda i, r: role(i, r, name)), skip=sliced)
+    # Keep block order: each block's experts follow its other groups.
+    groups: list[ExpertGroup] = []
+    for g in rest.groups:
+        groups.append(g)
+        if g.layer is not None and not any(x.layer == g.layer for x in rest.groups[rest.groups.index(g) + 1:]):
+            groups.extend(x for x in experts if x.layer == g.layer)
+    return Partition("ffn_clusters", groups, rest.total_params)
+
+
+def _module_roles(model: nn.Module, separate_biases: bool) -> Callable[[int, str, str], tuple[str, str, int]]:
     norm_params = {
         f"{mod_name}.{p}" if mod_name else p
         for mod_name, mod in model.named_modules()
@@ -169,7 +239,7 @@ def partition_modules(model: nn.Module, config: ModuleConfig) -> Partition:
     }
 
     def role(i: int, rest: str, full: str) -> tuple[str, str, int]:
-        if config.separate_biases and rest.endswith(".bias") and full not in norm_params:
+        if separate_biases and rest.endswith(".bias") and full not in norm_params:
             return f"layer.{i}.bias", "bias", i
         if full in norm_params:
             return f"layer.{i}.norm", "norm", i
@@ -180,7 +250,38 @@ def partition_modules(model: nn.Module, config: ModuleConfig) -> Partition:
             return f"layer.{i}.ffn", "ffn", i
         return f"layer.{i}.other", "other", i
 
-    return _assemble(model, "module", lambda name: _outer_group(name, anatomy, lambda i, rest: role(i, rest, name)))
+    return role
+
+
+def _ffn_activations(model: nn.Module, ffns: list, calibration: list[dict], max_tokens: int = 4096) -> dict[int, torch.Tensor]:
+    """(I, tokens) activation patterns of each FFN's neurons on calibration batches (unit rows)."""
+
+    collected: dict[int, list[torch.Tensor]] = {f.layer: [] for f in ffns}
+    masks: list[torch.Tensor] = []
+
+    def hook_for(layer: int):
+        def hook(module, args):
+            collected[layer].append(args[0].detach().flatten(0, -2).float())  # (batch*seq, I)
+        return hook
+
+    handles = [model.get_submodule(f.output).register_forward_pre_hook(hook_for(f.layer)) for f in ffns]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                masks.append(inputs["attention_mask"].flatten().bool() if "attention_mask" in inputs else None)
+                model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out = {}
+    for layer, chunks in collected.items():
+        acts = torch.cat([c[m] if m is not None else c for c, m in zip(chunks, masks)])[:max_tokens]  # (tokens, I)
+        out[layer] = torch.nn.functional.normalize(acts.T, dim=1)  # (I, tokens)
+    return out
 
 
 @register("rules", RulesConfig)
@@ -220,8 +321,10 @@ def partition_rules(model: nn.Module, config: RulesConfig) -> Partition:
 def preview(model: nn.Module, part: Partition) -> list[dict[str, Any]]:
     """One row per parameter: name, shape, size and the group it fell in (like peft's inspect)."""
     group_of = part.group_of()
+    sliced = part.sliced_params()
     return [
-        {"param": n, "shape": list(p.shape), "numel": p.numel(), "group": group_of.get(n, "")}
+        {"param": n, "shape": list(p.shape), "numel": p.numel(),
+         "group": group_of.get(n) or (f"sliced: {sliced[n][0]} ... {sliced[n][-1]}" if n in sliced else "")}
         for n, p in model.named_parameters()
     ]
 
@@ -268,12 +371,16 @@ def _outer_group(name: str, anatomy: ModelAnatomy, in_block: Callable[[int, str]
     return part, "embeddings" if "embed" in part else "other", None
 
 
-def _assemble(model: nn.Module, strategy: str, assign: Callable[[str], tuple[str, str, int | None]]) -> Partition:
+def _assemble(model: nn.Module, strategy: str, assign: Callable[[str], tuple[str, str, int | None]],
+              skip: set[str] = frozenset()) -> Partition:
     members: dict[str, list[str]] = {}
     meta: dict[str, tuple[str, int | None]] = {}
     sizes: dict[str, int] = {}
     total = 0
     for name, param in model.named_parameters():
+        if name in skip:  # owned in slices by experts
+            total += param.numel()
+            continue
         group, kind, layer = assign(name)
         members.setdefault(group, []).append(name)
         meta.setdefault(group, (kind, layer))
@@ -300,16 +407,31 @@ def _compile_rule(i: int, rule: Any) -> tuple[str, str, Callable[[str], bool]]:
 
 
 def _check_complete(model: nn.Module, part: Partition) -> None:
-    """Every parameter in exactly one group: the invariant selection and training rely on."""
-    seen: set[str] = set()
+    """Every parameter entry in exactly one group: whole tensors once, expert slices covering each
+    sliced tensor's indices exactly once. Selection and training rely on it."""
+    params = dict(model.named_parameters())
+    whole: set[str] = set()
     for g in part.groups:
-        dup = seen.intersection(g.params)
+        if g.slices:
+            continue
+        dup = whole.intersection(g.params)
         if dup:
             raise AssertionError(f"parameters in two groups: {sorted(dup)[:3]}")
-        seen.update(g.params)
-    names = {n for n, _ in model.named_parameters()}
-    if seen != names:
-        raise AssertionError(f"partition misses parameters: {sorted(names - seen)[:3]}")
+        whole.update(g.params)
+    covered: dict[str, list[int]] = {}
+    for g in part.groups:
+        for name, (_dim, idx) in (g.slices or {}).items():
+            covered.setdefault(name, []).extend(idx)
+    for name, idx in covered.items():
+        dim = next(g.slices[name][0] for g in part.groups if g.slices and name in g.slices)
+        if sorted(idx) != list(range(params[name].shape[dim])):
+            raise AssertionError(f"expert slices of {name} do not cover each index exactly once")
+    if whole & set(covered):
+        raise AssertionError("a tensor is both whole in a group and sliced")
+    if whole | set(covered) != set(params):
+        raise AssertionError(f"partition misses parameters: {sorted(set(params) - whole - set(covered))[:3]}")
+    if sum(g.numel for g in part.groups) != part.total_params:
+        raise AssertionError("group sizes do not add up to the model size")
 
 
 def trainable_names(model: nn.Module) -> set[str]:

@@ -1,5 +1,7 @@
 """Training methods: which parameters a run trains. The same API serves the method and baselines.
 
+    camel   groups chosen by relevance scores and the task's complexity (core/select.py), plus the head
+    random_groups  random groups of a given size (the control for camel), plus the head
     groups  the expert groups named in `method.select` (names or globs), plus the head
     full    every parameter
     head    the task head only
@@ -9,12 +11,13 @@
 
 `apply_method` freezes everything, then unfreezes what the method trains; for LoRA it returns the
 peft-wrapped model. The optimizer (Trainer's) only ever receives tensors with `requires_grad`.
+FFN experts are slices of tensors: a `SliceMask` (core/experts.py) trains only the selected slices.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -31,13 +34,14 @@ class Plan:
     groups: list[str]  # groups trained whole (all methods but lora and bitfit, which cut across groups)
     trainable: int  # number of trained parameters (after wrapping, for LoRA)
     total: int  # parameters of the base model
+    slice_mask: object | None = field(default=None, repr=False)  # SliceMask when experts are slices
 
     def to_dict(self) -> dict:
         return {"method": self.method, "groups": self.groups, "trainable": self.trainable, "total": self.total,
                 "trainable_pct": round(100 * self.trainable / self.total, 4)}
 
 
-def select_groups(partition: Partition, patterns: list[str]) -> list[str]:
+def match_groups(partition: Partition, patterns: list[str]) -> list[str]:
     """Group names matching `patterns` (exact names or shell globs like `layer.*`), in partition order."""
     chosen: list[str] = []
     for pat in patterns:
@@ -48,8 +52,9 @@ def select_groups(partition: Partition, patterns: list[str]) -> list[str]:
     return [n for n in partition.names if n in chosen]
 
 
-def apply_method(model: nn.Module, partition: Partition, cfg: MethodConfig) -> tuple[nn.Module, Plan]:
-    """Freeze `model`, unfreeze what `cfg` trains; return the (possibly wrapped) model and its plan."""
+def apply_method(model: nn.Module, partition: Partition, cfg: MethodConfig, selected: list[str] | None = None) -> tuple[nn.Module, Plan]:
+    """Freeze `model`, unfreeze what `cfg` trains; return the (possibly wrapped) model and its plan.
+    `selected`: the group names a selection chose (methods camel and random_groups)."""
     anatomy = inspect_model(model)
     head = set(anatomy.head)
     if not head and cfg.name != "full":
@@ -76,17 +81,28 @@ def apply_method(model: nn.Module, partition: Partition, cfg: MethodConfig) -> t
         prefixes = tuple(f"{anatomy.blocks_prefix}.{i}." for i in range(first, anatomy.num_blocks))
         train = head | {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
         groups = sorted({group_of[n] for n in train}, key=partition.names.index)
-    elif cfg.name == "groups":
-        groups = select_groups(partition, cfg.select)
-        groups = [n for n in partition.names if n in set(groups) | set(head_groups)]
-        train = {p for g in groups for p in partition.group(g).params} | head
+    elif cfg.name in ("groups", "camel", "random_groups"):
+        if cfg.name == "groups":
+            selected = match_groups(partition, cfg.select)
+        elif selected is None:
+            raise ConfigError("method.name", f"method {cfg.name!r} trains the groups a selection chose; none was given")
+        groups = [n for n in partition.names if n in set(selected) | set(head_groups)]
+        chosen = [partition.group(g) for g in groups]
+        train = {p for g in chosen if not g.slices for p in g.params} | head
+        slices = [g.slices for g in chosen if g.slices]
     else:
         raise ConfigError("method.name", f"unknown method {cfg.name!r}")
 
     for name, param in model.named_parameters():
         param.requires_grad_(name in train)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return model, Plan(cfg.name, groups, trainable, total)
+    mask = None
+    if cfg.name in ("groups", "camel", "random_groups") and slices:
+        from core.experts import SliceMask, slice_masks
+
+        mask = SliceMask(model, slice_masks(model, slices))
+        trainable += mask.trainable_count()
+    return model, Plan(cfg.name, groups, trainable, total, mask)
 
 
 def _apply_lora(model: nn.Module, cfg: MethodConfig, head: set[str], total: int) -> tuple[nn.Module, Plan]:

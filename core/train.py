@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import resource
 import signal
 import threading
@@ -18,6 +19,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import SequentialSampler
@@ -31,13 +33,15 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback
 
 from core.config import RunConfig
-from core.data import TaskData, load_task_data
+from core.data import TaskData, label_counts, load_task_data
 from core.delta import DELTA_FILE, load_run_model, save_delta
 from core.errors import RunError
 from core.groups import Partition, partition
 from core.methods import Plan, apply_method
 from core.models import load_task_model, load_tokenizer
 from core.runs import Run, create_run, open_run
+from core.scoring import score_groups
+from core.select import Selection, measure_complexity, select_groups, select_random
 from core.tasks import make_task, predict_logits, prediction_records
 
 # Checkpoint saves warn that a CPU model's layers "were not sharded" (tensor parallelism): noise here.
@@ -61,9 +65,14 @@ class Prepared:
     model: nn.Module
     partition: Partition
     plan: Plan
+    selection: Selection | None = None
 
 
-def prepare(config: RunConfig) -> Prepared:
+def prepare(config: RunConfig, saved_selection: list[str] | None = None) -> Prepared:
+    """Data, tokenizer, model, partition and (for camel / random_groups) the selection.
+
+    `saved_selection`: group names chosen earlier (resuming a run): reused instead of re-scoring."""
+    config.resolve()
     set_seed(config.train.seed)
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
     parent_labels = None
@@ -77,16 +86,55 @@ def prepare(config: RunConfig) -> Prepared:
         model.train()
     else:
         model = load_task_model(config.model, config.data.task, data.labels)
-    part = partition(model, config.groups.strategy, config.groups.options)
-    model, plan = apply_method(model, part, config.method)
-    return Prepared(config, data, task, model, part, plan)
+    m = config.method
+    needs_batches = (m.name == "camel" and saved_selection is None) or config.groups.options.get("features") == "coactivation"
+    batches = task_batches(task, data.train, m.score_batches, config.train.batch_size, config.train.seed) if needs_batches else None
+    part = partition(model, config.groups.strategy, config.groups.options, calibration=batches)
+    selection = None
+    if saved_selection is not None:
+        chosen = saved_selection
+    elif m.name == "camel":
+        scores = score_groups(model, part, batches, m.scorer, seed=config.train.seed)
+        mean_length = float(np.mean([float(b["attention_mask"].sum(1).float().mean()) for b in batches]))
+        complexity = measure_complexity(data.labels, label_counts(config.data.task, data.train), len(data.train),
+                                        mean_length, config.data.task == "ner", scores)
+        selection = select_groups(part, scores, m, complexity)
+        chosen = selection.selected
+    elif m.name == "random_groups":
+        target = _random_target(config, part)
+        selection = select_random(part, target, config.train.seed, m)
+        chosen = selection.selected
+    else:
+        chosen = None
+    model, plan = apply_method(model, part, m, selected=chosen)
+    return Prepared(config, data, task, model, part, plan, selection)
+
+
+def task_batches(task: Any, examples: list[dict], n_batches: int, batch_size: int, seed: int) -> list[dict]:
+    """A seeded sample of `n_batches` training batches, collated as the model takes them."""
+    rng = random.Random(seed)
+    sample = rng.sample(examples, min(len(examples), n_batches * batch_size))
+    enc = task.encode(sample)
+    collate = task.collator()
+    rows = [enc.dataset[i] for i in range(len(enc.dataset))][: n_batches * batch_size]
+    return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+def _random_target(config: RunConfig, part: Partition) -> int:
+    m = config.method
+    if m.match_run:
+        other = open_run(m.match_run, config.runs_dir)
+        plan = other.read_json("groups.json").get("plan", {})
+        if "trainable" not in plan:
+            raise RunError(f"run {m.match_run!r} has no trained plan to match")
+        return int(plan["trainable"])
+    return int(m.budget * part.total_params)
 
 
 def train(config: RunConfig, progress: bool = True) -> RunResult:
     """Train a new run described by `config`; returns the run, the tuned model and its report."""
     config.validate()
-    config.train.learning_rate = config.learning_rate  # resolve defaults so the saved config re-runs as is
-    config.train.metric = config.metric
+    config.resolve()  # resolve defaults so the saved config re-runs as is
     if config.init_from:
         inherit_parent(config)
     run = create_run(config)
@@ -137,11 +185,14 @@ def _run_guarded(run: Run, config: RunConfig, resume_from: str | None, progress:
 
 def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool) -> RunResult:
     t0 = time.perf_counter()
-    prep = prepare(config)
+    saved = run.read_json("selection.json")["selected"] if resume_from and run.file("selection.json").is_file() else None
+    prep = prepare(config, saved_selection=saved)
     data, task, model, plan = prep.data, prep.task, prep.model, prep.plan
     run.write_json("labels.json", data.labels)
     run.write_json("data.json", data.summary())
     run.write_json("groups.json", {**prep.partition.to_dict(), "plan": plan.to_dict()})
+    if prep.selection is not None:
+        run.write_json("selection.json", prep.selection.to_dict())
     run.set_status("running", plan=plan.to_dict(), sizes=data.summary()["sizes"])
 
     train_enc = task.encode(data.train)
@@ -182,6 +233,8 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
         return task.metrics(data.validation, task.predict(data.validation, val_enc, logits), full=False)
 
     callbacks: list[TrainerCallback] = [RunLogger(run)]
+    if plan.slice_mask is not None:
+        callbacks.append(SliceRestore(plan.slice_mask))
     if t.patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.patience))
     trainer = RunTrainer(
@@ -202,6 +255,11 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
     model.eval()
 
     report: dict[str, Any] = {"run_id": run.id, "task": config.data.task, "method": plan.to_dict(), "labels": data.labels}
+    if prep.selection is not None:
+        sel = prep.selection.to_dict()
+        report["selection"] = {k: sel[k] for k in ("rule", "settings", "selected", "selected_params", "selected_pct", "complexity")}
+        if sel["scoring"]:
+            report["selection"]["scoring_seconds"] = sel["scoring"]["seconds"]
     for split, examples in (("validation", data.validation), ("test", data.test)):
         if examples:
             enc = val_enc if split == "validation" else task.encode(examples)
@@ -224,6 +282,9 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
         "delta_bytes": delta_bytes,
         "wall_seconds": round(time.perf_counter() - t0, 2),
     }
+    scoring = report.get("selection", {}).get("scoring_seconds")
+    if scoring is not None and report["training"]["seconds_per_epoch"]:
+        report["selection"]["scoring_fraction_of_epoch"] = round(scoring / report["training"]["seconds_per_epoch"], 4)
     headline = {config.metric: report["validation"].get(config.metric)}
     if data.test:
         headline[f"test_{config.metric}"] = report["test"].get(config.metric)
@@ -249,6 +310,17 @@ class RunTrainer(Trainer):
 
     def _get_eval_sampler(self, eval_dataset):
         return SequentialSampler(eval_dataset)
+
+
+class SliceRestore(TrainerCallback):
+    """After every optimizer step, put back the frozen entries of partly trained tensors (expert
+    slices): AdamW's decoupled weight decay touches every entry of a tensor it holds."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.mask.restore()
 
 
 class RunLogger(TrainerCallback):

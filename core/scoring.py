@@ -1,0 +1,257 @@
+"""Relevance scores: how much each expert group matters to a task, measured on the task's own data.
+
+Scorers (registered by name; each returns a raw score per group, None where it does not apply):
+
+    gradient    mean squared gradient per parameter of the group over N task batches, with the new
+                (untrained) task head in place: an empirical diagonal-Fisher estimate of how much
+                the task loss is sensitive to the group. Expert slices get the gradient entries of
+                their own rows/columns.
+    activation  FFN experts only: mean absolute activation of the expert's neurons over the task's
+                tokens (padding excluded), the dense analogue of ESFT's gate score. Other groups: None.
+    random      a seeded uniform draw per group (the control: does scoring matter?).
+
+Scores are normalised globally (sum to 1 over scorable groups) and per layer (sum to 1 within each
+block; groups outside blocks form one scope). The head is never scored: it is always trained.
+Each pass also measures what the task complexity needs: the untrained head's loss, and a linear
+probe of the frozen model's features (how much of the task a read-out alone already solves).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.errors import ConfigError
+from core.groups import Partition, inspect_model
+
+
+@dataclass
+class Scores:
+    scorer: str
+    raw: dict[str, float | None]  # group -> raw score (None: not scorable by this scorer)
+    normalized: dict[str, float]  # global: scorable groups sum to 1
+    layer_normalized: dict[str, float]  # within each layer scope
+    seconds: float
+    batches: int
+    examples: int
+    head_loss: float  # mean task loss with the untrained head
+    probe: dict[str, float] = field(default_factory=dict)  # linear probe on frozen features
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scorer": self.scorer, "seconds": round(self.seconds, 3), "batches": self.batches,
+                "examples": self.examples, "head_loss": self.head_loss, "probe": self.probe,
+                "raw": self.raw, "normalized": self.normalized, "layer_normalized": self.layer_normalized}
+
+
+SCORERS: dict[str, Callable[..., dict[str, float | None]]] = {}
+
+
+def register(name: str):
+    def wrap(fn):
+        SCORERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def score_groups(model: nn.Module, part: Partition, batches: list[dict[str, torch.Tensor]], scorer: str = "gradient",
+                 seed: int = 0) -> Scores:
+    """Score every group of `part` on `batches` (dicts of model inputs with `labels`)."""
+    if scorer not in SCORERS:
+        raise ConfigError("method.scorer", f"{scorer!r} is not one of {', '.join(SCORERS)}")
+    if not batches:
+        raise ConfigError("method.score_batches", "no task batches to score on")
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()  # no dropout: scores are reproducible
+    probe = _ProbeFeatures()
+    try:
+        raw, losses = SCORERS[scorer](model, part, batches, seed=seed, probe=probe)
+    finally:
+        model.train(was_training)
+    head = {g.name for g in part.groups if g.kind == "head"}
+    raw = {name: (None if name in head else value) for name, value in raw.items()}
+    seconds = time.perf_counter() - start
+    return Scores(
+        scorer=scorer,
+        raw=raw,
+        normalized=normalize(raw),
+        layer_normalized=normalize_per_layer(raw, part),
+        seconds=seconds,
+        batches=len(batches),
+        examples=sum(int(b["input_ids"].shape[0]) for b in batches),
+        head_loss=float(np.mean(losses)) if losses else float("nan"),
+        probe=probe.fit(seed),
+    )
+
+
+def normalize(raw: dict[str, float | None]) -> dict[str, float]:
+    values = {k: v for k, v in raw.items() if v is not None}
+    total = sum(values.values())
+    if total <= 0:
+        return {k: 1.0 / len(values) for k in values} if values else {}
+    return {k: v / total for k, v in values.items()}
+
+
+def normalize_per_layer(raw: dict[str, float | None], part: Partition) -> dict[str, float]:
+    scopes: dict[Any, dict[str, float | None]] = {}
+    for g in part.groups:
+        if raw.get(g.name) is not None:
+            scopes.setdefault(g.layer, {})[g.name] = raw[g.name]
+    out: dict[str, float] = {}
+    for scope in scopes.values():
+        out.update(normalize(scope))
+    return out
+
+
+# ---- scorers ------------------------------------------------------------------------------------
+@register("gradient")
+def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed: int = 0,
+                   probe: _ProbeFeatures | None = None) -> tuple[dict[str, float | None], list[float]]:
+    """Mean squared gradient per parameter (diagonal empirical Fisher) of each group."""
+    params = dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    sq = {n: torch.zeros_like(p) for n, p in params.items()}
+    losses = []
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            out = model(**batch, output_hidden_states=probe is not None)
+            out.loss.backward()
+            losses.append(float(out.loss.detach()))
+            if probe is not None:
+                probe.add(out, batch)
+            for n, p in params.items():
+                if p.grad is not None:
+                    sq[n] += p.grad.detach() ** 2
+    finally:
+        model.zero_grad(set_to_none=True)
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+    scores: dict[str, float | None] = {}
+    for g in part.groups:
+        if g.slices:
+            total = sum(float(sq[n].index_select(dim, torch.tensor(idx)).sum()) for n, (dim, idx) in g.slices.items())
+        else:
+            total = sum(float(sq[n].sum()) for n in g.params)
+        scores[g.name] = total / (g.numel * len(batches)) if g.numel else 0.0
+    return scores, losses
+
+
+@register("activation")
+def score_activation(model: nn.Module, part: Partition, batches: list[dict], seed: int = 0,
+                     probe: _ProbeFeatures | None = None) -> tuple[dict[str, float | None], list[float]]:
+    """Mean |activation| of each FFN expert's neurons over real (non-padding) task tokens."""
+    from core.experts import find_ffns
+
+    experts = [g for g in part.groups if g.kind == "expert"]
+    if not experts:
+        raise ConfigError("method.scorer", "the activation scorer scores FFN experts: use groups.strategy ffn_clusters")
+    anatomy = inspect_model(model)
+    ffns = {f.layer: f for f in find_ffns(model, anatomy.blocks_prefix, anatomy.num_blocks)}
+    mass = {layer: torch.zeros(f.width) for layer, f in ffns.items()}
+    tokens = 0
+    current_mask: list[torch.Tensor] = []
+
+    def hook_for(layer: int):
+        def hook(module, args):
+            act = args[0].detach().float().abs()  # (batch, seq, I): the output linear's input
+            mass[layer] += (act * current_mask[0].unsqueeze(-1)).sum((0, 1))
+        return hook
+
+    handles = [model.get_submodule(f.output).register_forward_pre_hook(hook_for(f.layer)) for f in ffns.values()]
+    losses = []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).float()
+                current_mask[:] = [mask]
+                tokens += int(mask.sum())
+                out = model(**batch, output_hidden_states=probe is not None)
+                losses.append(float(out.loss))
+                if probe is not None:
+                    probe.add(out, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    scores: dict[str, float | None] = {g.name: None for g in part.groups}
+    for g in experts:
+        neurons = next(iter(g.slices.values()))[1]
+        scores[g.name] = float(mass[g.layer][neurons].mean()) / max(tokens, 1)
+    return scores, losses
+
+
+@register("random")
+def score_random(model: nn.Module, part: Partition, batches: list[dict], seed: int = 0,
+                 probe: _ProbeFeatures | None = None) -> tuple[dict[str, float | None], list[float]]:
+    rng = random.Random(seed)
+    losses = []
+    with torch.no_grad():
+        for batch in batches:  # the loss and probe still describe the task for the complexity figures
+            out = model(**batch, output_hidden_states=probe is not None)
+            losses.append(float(out.loss))
+            if probe is not None:
+                probe.add(out, batch)
+    return {g.name: rng.random() for g in part.groups}, losses
+
+
+# ---- linear probe -------------------------------------------------------------------------------
+class _ProbeFeatures:
+    """Frozen last-layer features and labels seen while scoring, for a quick linear probe.
+
+    Sequence tasks: the first token's state; token tasks: the state of each labelled sub-token."""
+
+    def __init__(self, max_rows: int = 4000):
+        self.x: list[np.ndarray] = []
+        self.y: list[np.ndarray] = []
+        self.max_rows = max_rows
+
+    def add(self, out: Any, batch: dict) -> None:
+        hidden = out.hidden_states[-1].detach().float()  # (batch, seq, H)
+        labels = batch["labels"]
+        if labels.dim() == 1:
+            self.x.append(hidden[:, 0].numpy())
+            self.y.append(labels.numpy())
+        else:
+            keep = labels != -100
+            self.x.append(hidden[keep].numpy())
+            self.y.append(labels[keep].numpy())
+
+    def fit(self, seed: int) -> dict[str, float]:
+        """2-fold cross-validated accuracy of a logistic regression, and the majority-class accuracy."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import cross_val_score
+
+        if not self.x:
+            return {}
+        x = np.concatenate(self.x)[: self.max_rows]
+        y = np.concatenate(self.y)[: self.max_rows]
+        counts = np.bincount(y)
+        majority = float(counts.max() / counts.sum())
+        if len(np.unique(y)) < 2 or min(c for c in counts if c > 0) < 2:
+            return {"accuracy": majority, "majority": majority, "gain": 0.0, "rows": int(len(y))}
+        clf = LogisticRegression(max_iter=300, C=1.0)
+        folds = 2
+        accuracy = float(cross_val_score(clf, x, y, cv=folds).mean())
+        gain = (accuracy - majority) / (1.0 - majority) if majority < 1.0 else 0.0
+        return {"accuracy": accuracy, "majority": majority, "gain": max(0.0, min(1.0, gain)), "rows": int(len(y))}
+
+
+def entropy(values: list[float]) -> float:
+    """Normalised entropy in [0, 1] of a distribution (1 = flat)."""
+    vals = [v for v in values if v > 0]
+    if len(vals) < 2:
+        return 0.0
+    total = sum(vals)
+    h = -sum(v / total * math.log(v / total) for v in vals)
+    return h / math.log(len(values))

@@ -1,0 +1,169 @@
+"""Scoring, task complexity and the selection rules; camel and random_groups runs end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_train import batch_logits, make_config
+from transformers import BertConfig, BertForSequenceClassification
+
+from core.config import MethodConfig
+from core.delta import load_run_model
+from core.errors import ConfigError
+from core.groups import partition
+from core.runs import open_run
+from core.scoring import Scores, normalize, score_groups
+from core.select import budget_for, measure_complexity, select_groups
+from core.train import train
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=64, max_position_embeddings=32, num_labels=3))
+
+
+@pytest.fixture(scope="module")
+def batches():
+    gen = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(5, 50, (4, 10), generator=gen), "attention_mask": torch.ones(4, 10, dtype=torch.long),
+             "labels": torch.randint(0, 3, (4,), generator=gen)} for _ in range(3)]
+
+
+def fake_scores(part, values: dict[str, float]) -> Scores:
+    raw = {g.name: (None if g.kind == "head" else values.get(g.name, 0.0)) for g in part.groups}
+    return Scores("gradient", raw, normalize(raw), normalize(raw), 0.0, 1, 1, 1.0, {})
+
+
+@pytest.fixture
+def layer_part(model):
+    return partition(model, "layer")
+
+
+def method(**kw) -> MethodConfig:
+    return MethodConfig(name="camel", **{"scope": "global", **kw})
+
+
+def test_p_one_selects_every_scored_group(layer_part):
+    scores = fake_scores(layer_part, {"embeddings": 1, "layer.0": 2, "layer.1": 3, "pooler": 4})
+    sel = select_groups(layer_part, scores, method(rule="cumulative", p=1.0))
+    assert set(sel.selected) == set(layer_part.names)
+
+
+def test_tiny_p_selects_only_the_top_group(layer_part):
+    scores = fake_scores(layer_part, {"embeddings": 1, "layer.0": 2, "layer.1": 30, "pooler": 4})
+    sel = select_groups(layer_part, scores, method(rule="cumulative", p=0.01))
+    assert sel.selected == ["layer.1", "head"]
+    reasons = {c.name: c.reason for c in sel.choices}
+    assert reasons["head"] == "task head: always trained"
+    assert "already reached p=0.010" in reasons["layer.0"]
+
+
+def test_manual_exclusion_wins_over_scores_and_include_adds(layer_part):
+    scores = fake_scores(layer_part, {"embeddings": 1, "layer.0": 2, "layer.1": 30, "pooler": 4})
+    sel = select_groups(layer_part, scores, method(rule="cumulative", p=0.5, exclude=["layer.1"], include=["embeddings"]))
+    by = {c.name: c for c in sel.choices}
+    assert not by["layer.1"].selected and by["layer.1"].reason == "excluded by the user"
+    assert by["embeddings"].selected and by["embeddings"].reason == "included by the user"
+    with pytest.raises(ConfigError, match="always trained"):
+        select_groups(layer_part, scores, method(rule="cumulative", p=0.5, exclude=["head"]))
+    with pytest.raises(ConfigError, match="'layer.9' matches no group"):
+        select_groups(layer_part, scores, method(rule="cumulative", p=0.5, exclude=["layer.9"]))
+
+
+def test_top_k_and_budget_rules(layer_part):
+    scores = fake_scores(layer_part, {"embeddings": 5, "layer.0": 2, "layer.1": 3, "pooler": 4})
+    assert select_groups(layer_part, scores, method(rule="top_k", top_k=2)).selected == ["embeddings", "pooler", "head"]
+    limit = layer_part.group("embeddings").numel - 1
+    sel = select_groups(layer_part, scores, method(rule="budget", budget=limit / layer_part.total_params))
+    by = {c.name: c for c in sel.choices}
+    assert not by["embeddings"].selected and "exceed the parameter budget" in by["embeddings"].reason
+    assert by["pooler"].selected  # the next best still fits
+    assert sel.selected_params <= limit
+
+
+def test_layer_scope_reaches_p_within_each_layer(model):
+    part = partition(model, "module")
+    values = {g.name: float(i + 1) for i, g in enumerate(part.groups)}
+    sel = select_groups(part, fake_scores(part, values), MethodConfig(name="camel", rule="cumulative", p=0.3, scope="layer"))
+    for layer in (0, 1):
+        assert any(c.selected for c in sel.choices if c.layer == layer)
+
+
+@pytest.mark.parametrize("scorer", ["gradient", "activation", "random"])
+def test_scores_are_reproducible_and_cover_the_groups(model, batches, scorer):
+    part = partition(model, "ffn_clusters", {"experts": 4})
+    a = score_groups(model, part, batches, scorer, seed=3)
+    b = score_groups(model, part, batches, scorer, seed=3)
+    assert a.raw == b.raw and a.seconds > 0 and a.batches == 3
+    assert a.raw["head"] is None
+    scored = {n for n, v in a.raw.items() if v is not None}
+    if scorer == "activation":
+        assert scored == {g.name for g in part.groups if g.kind == "expert"}
+    else:
+        assert scored == {g.name for g in part.groups if g.kind != "head"}
+    assert sum(a.normalized.values()) == pytest.approx(1.0)
+    assert all(p.requires_grad for p in model.parameters())  # the scorer restored the flags
+
+
+def test_activation_scorer_needs_experts(model, batches):
+    with pytest.raises(ConfigError, match="use groups.strategy ffn_clusters"):
+        score_groups(model, partition(model, "layer"), batches, "activation")
+
+
+def test_complexity_maps_easy_and_hard_tasks_to_different_budgets(model, batches):
+    scores = score_groups(model, partition(model, "layer"), batches, "gradient")
+    easy = measure_complexity(["neg", "pos"], {"neg": 50, "pos": 50}, 60000, 20.0, False,
+                              Scores(**{**scores.__dict__, "probe": {"accuracy": 0.9, "majority": 0.5, "gain": 0.8}}))
+    hard = measure_complexity([f"t{i}" for i in range(9)], {"t0": 80, "t1": 5}, 2000, 14.0, True,
+                              Scores(**{**scores.__dict__, "probe": {"accuracy": 0.85, "majority": 0.83, "gain": 0.1}}))
+    assert easy.value < hard.value
+    (p_easy, b_easy), (p_hard, b_hard) = budget_for(easy.value), budget_for(hard.value)
+    assert p_easy < p_hard and b_easy < b_hard
+    assert budget_for(0.0) == (pytest.approx(0.2), pytest.approx(0.04)) and budget_for(5.0)[1] == pytest.approx(0.2)
+
+
+def test_camel_run_trains_the_selected_experts_only(tiny_bert, sentiment_csv, tmp_path):
+    from core.models import load_task_model
+
+    config = make_config(tiny_bert, sentiment_csv, tmp_path, method="camel", run_id="camel")
+    config.groups.options = {"experts": 4}
+    config.method.score_batches = 2
+    result = train(config, progress=False)
+    run = result.run
+    sel = run.read_json("selection.json")
+    assert sel["rule"] == "auto" and sel["complexity"]["value"] > 0
+    assert {g["name"] for g in sel["groups"]} == set(run.read_json("groups.json")["plan"]["groups"]) | {
+        g["name"] for g in sel["groups"] if not g["selected"]}
+    assert all(g["reason"] for g in sel["groups"])
+    assert run.config().groups.strategy == "ffn_clusters" and run.config().method.scope == "layer"
+    assert result.report["selection"]["scoring_fraction_of_epoch"] > 0
+    # Unselected experts' slices and every unselected tensor are bit-identical to the base model.
+    base = dict(load_task_model(run.config().model, "classification", ["neg", "pos"]).named_parameters())
+    part = run.read_json("groups.json")
+    selected = set(sel["selected"])
+    for g in part["groups"]:
+        if g["name"] in selected or g["kind"] == "head":
+            continue
+        params = dict(result.model.named_parameters())
+        for name in g["params"]:
+            if "slices" in g:
+                dim, idx = g["slices"][name]["dim"], torch.tensor(g["slices"][name]["indices"])
+                assert torch.equal(params[name].index_select(dim, idx), base[name].index_select(dim, idx)), (g["name"], name)
+            else:
+                assert torch.equal(params[name], base[name]), name
+    reloaded = load_run_model(open_run("camel", tmp_path))
+    assert torch.equal(batch_logits(reloaded, tiny_bert), batch_logits(result.model, tiny_bert))
+
+
+def test_random_groups_match_a_camel_run_in_size(tiny_bert, sentiment_csv, tmp_path):
+    camel = train(make_config(tiny_bert, sentiment_csv, tmp_path, method="camel", run_id="c", epochs=1), progress=False)
+    config = make_config(tiny_bert, sentiment_csv, tmp_path, method="camel", run_id="r", epochs=1)
+    config.method.name, config.method.match_run = "random_groups", "c"
+    config.groups.strategy = "ffn_clusters"
+    rnd = train(config, progress=False)
+    target = camel.report["method"]["trainable"]
+    assert rnd.run.read_json("selection.json")["rule"] == "random"
+    assert rnd.report["method"]["trainable"] <= target
+    assert rnd.report["method"]["trainable"] >= 0.5 * target
