@@ -53,6 +53,7 @@ TRAIN_FLAGS: list[tuple[str, str, str]] = [
     ("--lora-dropout", "method.lora_dropout", "LoRA dropout"),
     ("--lora-targets", "method.lora_targets", "LoRA target module names, comma-separated"),
     ("--lr", "train.learning_rate", "learning rate (default depends on the method)"),
+    ("--head-lr", "train.head_lr", "learning rate of the new task head (default: max(lr, 1e-3))"),
     ("--epochs", "train.epochs", "training epochs"),
     ("--max-steps", "train.max_steps", "optimizer steps (overrides --epochs)"),
     ("--batch-size", "train.batch_size", "training batch size"),

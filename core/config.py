@@ -20,7 +20,7 @@ from core.errors import ConfigError
 
 TASKS = ("classification", "ner")
 METHODS = ("camel", "groups", "random_groups", "full", "head", "bitfit", "last_n", "lora")
-SCORERS = ("gradient", "activation", "random")
+SCORERS = ("gradient", "gradient_density", "activation", "random")
 RULES = ("auto", "cumulative", "top_k", "budget")
 DATA_FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "conll", "at", "hub")
 
@@ -67,10 +67,10 @@ class MethodConfig:
     name: str = "camel"  # camel | groups | random_groups | full | head | bitfit | last_n | lora
     select: list[str] = field(default_factory=list)  # groups: group names or globs ("layer.*")
     # camel: score groups on task data, then select (core/scoring.py, core/select.py)
-    scorer: str = "gradient"  # gradient | activation | random
+    scorer: str = "gradient"  # gradient | gradient_density | activation | random
     rule: str = "auto"  # auto (task complexity -> p and budget) | cumulative | top_k | budget
     p: float | None = None  # cumulative: normalised score to reach (auto: from complexity)
-    scope: str | None = None  # "layer": reach p within each layer (ESFT); "global"; None: layer unless strategy is layer
+    scope: str = "global"  # cumulative: "global", or "layer" (reach p within each layer, as ESFT does)
     top_k: int | None = None  # top_k: number of groups
     budget: float | None = None  # budget / cap: fraction of the model's parameters (auto: from complexity)
     include: list[str] = field(default_factory=list)  # always trained (names or globs)
@@ -88,6 +88,7 @@ class MethodConfig:
 @dataclass
 class TrainConfig:
     learning_rate: float | None = None  # None: the method's default (see DEFAULT_LR)
+    head_lr: float | None = None  # the new task head's learning rate; None: max(learning_rate, 1e-3)
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 16
@@ -171,9 +172,10 @@ class RunConfig:
         """Fill the defaults that depend on other fields, so the saved config states what ran."""
         if self.groups.strategy is None:
             self.groups.strategy = "ffn_clusters" if self.method.name == "camel" else "layer"
-        if self.method.scope is None:
-            self.method.scope = "global" if self.groups.strategy == "layer" else "layer"
         self.train.learning_rate = self.learning_rate
+        if self.train.head_lr is None:
+            # A new, random head learns from scratch: it wants a higher rate than the pretrained body.
+            self.train.head_lr = max(self.train.learning_rate, 1e-3)
         self.train.metric = self.metric
 
     def validate(self) -> None:
@@ -198,8 +200,7 @@ class RunConfig:
             raise ConfigError("method.select", "method 'groups' needs at least one group name or pattern")
         _choice("method.scorer", m.scorer, SCORERS)
         _choice("method.rule", m.rule, RULES)
-        if m.scope is not None:
-            _choice("method.scope", m.scope, ("global", "layer"))
+        _choice("method.scope", m.scope, ("global", "layer"))
         if m.p is not None and not 0.0 < m.p <= 1.0:
             raise ConfigError("method.p", f"must be in (0, 1], got {m.p}")
         if m.budget is not None and not 0.0 < m.budget <= 1.0:
@@ -222,6 +223,8 @@ class RunConfig:
             raise ConfigError("method.lora_targets", "LoRA needs at least one target module name")
         if t.learning_rate is not None:
             _positive("train.learning_rate", t.learning_rate)
+        if t.head_lr is not None:
+            _positive("train.head_lr", t.head_lr)
         if t.max_steps <= 0:
             _positive("train.epochs", t.epochs)
         for name in ("batch_size", "eval_batch_size", "grad_accum"):

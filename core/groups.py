@@ -6,7 +6,8 @@ claims are reported in an `unmatched` group, never dropped.
 
 Strategies:
     layer   one group per transformer block (`layer.<i>`), one per other top-level part of the body
-            (BERT: `embeddings`, `pooler`; Llama: `embed_tokens`, `norm`), and `head`.
+            (BERT: `embeddings`, `pooler`; Llama: `embed_tokens`, `norm`), and `head`. Parts after the
+            last block (pooler, final norm) have kind `head_side`: they feed the head directly.
     module  within each block: `layer.<i>.attention` (q/k/v/o), `layer.<i>.ffn`, `layer.<i>.norm`
             (and `layer.<i>.bias` with separate_biases); outside blocks as in `layer`.
     ffn_clusters  as `module`, but each block's FFN neurons split into E experts
@@ -40,7 +41,7 @@ SUFFIX = re.compile(r"\.[\w.]+")  # ".q_proj.weight": a suffix rule; anything el
 @dataclass(frozen=True)
 class ExpertGroup:
     name: str
-    kind: str  # embeddings | block | attention | ffn | norm | bias | head | other | rule | unmatched | expert
+    kind: str  # embeddings | block | attention | ffn | norm | bias | head | head_side | other | rule | unmatched | expert
     params: tuple[str, ...]  # whole tensors; for an expert, the tensors it owns slices of
     numel: int  # parameters the group owns (for an expert: the entries of its slices)
     layer: int | None = None
@@ -103,6 +104,7 @@ class ModelAnatomy:
     blocks_prefix: str  # full name of the block ModuleList, e.g. "bert.encoder.layer"
     num_blocks: int
     head: tuple[str, ...]  # parameter names of the task head
+    head_side: frozenset[str] = frozenset()  # body parameters after the last block (pooler, final norm)
 
 
 def inspect_model(model: nn.Module) -> ModelAnatomy:
@@ -119,7 +121,12 @@ def inspect_model(model: nn.Module) -> ModelAnatomy:
                 blocks_prefix, best = name, size
     if best <= 0:
         raise ConfigError("model.name", f"{type(model).__name__} has no list of transformer blocks to partition")
-    return ModelAnatomy(prefix, blocks_prefix, len(model.get_submodule(blocks_prefix)), tuple(head_param_names(model)))
+    head = tuple(head_param_names(model))
+    # Body parts registered after the last block feed the head directly (BERT's pooler, a final norm).
+    names = [n for n, _ in model.named_parameters()]
+    last_block = max((i for i, n in enumerate(names) if n.startswith(blocks_prefix + ".")), default=-1)
+    head_side = frozenset(n for n in names[last_block + 1:] if n not in head)
+    return ModelAnatomy(prefix, blocks_prefix, len(model.get_submodule(blocks_prefix)), head, head_side)
 
 
 # ---- registry -----------------------------------------------------------------------------------
@@ -368,7 +375,8 @@ def _outer_group(name: str, anatomy: ModelAnatomy, in_block: Callable[[int, str]
     while len(parts) > 1 and containers and parts[0] == containers[0]:
         parts, containers = parts[1:], containers[1:]
     part = parts[0] if len(parts) > 1 else "other"
-    return part, "embeddings" if "embed" in part else "other", None
+    kind = "head_side" if name in anatomy.head_side else "embeddings" if "embed" in part else "other"
+    return part, kind, None
 
 
 def _assemble(model: nn.Module, strategy: str, assign: Callable[[str], tuple[str, str, int | None]],

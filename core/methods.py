@@ -35,6 +35,7 @@ class Plan:
     trainable: int  # number of trained parameters (after wrapping, for LoRA)
     total: int  # parameters of the base model
     slice_mask: object | None = field(default=None, repr=False)  # SliceMask when experts are slices
+    head_params: list[str] = field(default_factory=list, repr=False)  # names in the (wrapped) model
 
     def to_dict(self) -> dict:
         return {"method": self.method, "groups": self.groups, "trainable": self.trainable, "total": self.total,
@@ -102,7 +103,7 @@ def apply_method(model: nn.Module, partition: Partition, cfg: MethodConfig, sele
 
         mask = SliceMask(model, slice_masks(model, slices))
         trainable += mask.trainable_count()
-    return model, Plan(cfg.name, groups, trainable, total, mask)
+    return model, Plan(cfg.name, groups, trainable, total, mask, sorted(head))
 
 
 def _apply_lora(model: nn.Module, cfg: MethodConfig, head: set[str], total: int) -> tuple[nn.Module, Plan]:
@@ -121,4 +122,5 @@ def _apply_lora(model: nn.Module, cfg: MethodConfig, head: set[str], total: int)
                       target_modules=list(cfg.lora_targets), modules_to_save=head_modules)
     wrapped = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    return wrapped, Plan("lora", [], trainable, total)
+    head_params = [n for n, p in wrapped.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    return wrapped, Plan("lora", [], trainable, total, None, head_params)

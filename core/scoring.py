@@ -2,16 +2,24 @@
 
 Scorers (registered by name; each returns a raw score per group, None where it does not apply):
 
-    gradient    mean squared gradient per parameter of the group over N task batches, with the new
-                (untrained) task head in place: an empirical diagonal-Fisher estimate of how much
-                the task loss is sensitive to the group. Expert slices get the gradient entries of
-                their own rows/columns.
+    gradient    the group's share of the squared task gradient: sum over its parameters of the mean
+                squared gradient over N task batches (the trace of the group's empirical diagonal
+                Fisher), with the new (untrained) task head in place. It is the first-order loss
+                decrease a gradient step on that group alone would buy, so larger groups that
+                matter score higher, and tiny groups with steep but few parameters do not win by
+                density alone. Expert slices count the gradient entries of their own rows/columns.
+    gradient_density  the same per parameter (mean instead of sum): favours small, steep groups
+                such as norms and biases; useful with the `budget` rule (best value per parameter).
     activation  FFN experts only: mean absolute activation of the expert's neurons over the task's
                 tokens (padding excluded), the dense analogue of ESFT's gate score. Other groups: None.
     random      a seeded uniform draw per group (the control: does scoring matter?).
 
 Scores are normalised globally (sum to 1 over scorable groups) and per layer (sum to 1 within each
-block; groups outside blocks form one scope). The head is never scored: it is always trained.
+block; groups outside blocks form one scope). The head is never scored: it is always trained. Nor
+are the body parts between the last block and the head (BERT's pooler, a final norm): right under
+a new, random head their gradient dwarfs every block's (measured on MiniLM: the pooler holds ~40x
+the squared gradient of the top block's attention), which says more about the random head than
+about relevance. Camel trains them with the head; they are small.
 Each pass also measures what the task complexity needs: the untrained head's loss, and a linear
 probe of the frozen model's features (how much of the task a read-out alone already solves).
 """
@@ -77,7 +85,7 @@ def score_groups(model: nn.Module, part: Partition, batches: list[dict[str, torc
         raw, losses = SCORERS[scorer](model, part, batches, seed=seed, probe=probe)
     finally:
         model.train(was_training)
-    head = {g.name for g in part.groups if g.kind == "head"}
+    head = {g.name for g in part.groups if g.kind in ("head", "head_side")}
     raw = {name: (None if name in head else value) for name, value in raw.items()}
     seconds = time.perf_counter() - start
     return Scores(
@@ -115,8 +123,8 @@ def normalize_per_layer(raw: dict[str, float | None], part: Partition) -> dict[s
 # ---- scorers ------------------------------------------------------------------------------------
 @register("gradient")
 def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed: int = 0,
-                   probe: _ProbeFeatures | None = None) -> tuple[dict[str, float | None], list[float]]:
-    """Mean squared gradient per parameter (diagonal empirical Fisher) of each group."""
+                   probe: _ProbeFeatures | None = None, per_parameter: bool = False) -> tuple[dict[str, float | None], list[float]]:
+    """Trace of each group's empirical diagonal Fisher (per parameter with `per_parameter`)."""
     params = dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
     sq = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -144,8 +152,15 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
             total = sum(float(sq[n].index_select(dim, torch.tensor(idx)).sum()) for n, (dim, idx) in g.slices.items())
         else:
             total = sum(float(sq[n].sum()) for n in g.params)
-        scores[g.name] = total / (g.numel * len(batches)) if g.numel else 0.0
+        scores[g.name] = total / len(batches) / (g.numel if per_parameter and g.numel else 1)
     return scores, losses
+
+
+@register("gradient_density")
+def score_gradient_density(model: nn.Module, part: Partition, batches: list[dict], seed: int = 0,
+                           probe: _ProbeFeatures | None = None) -> tuple[dict[str, float | None], list[float]]:
+    """Mean squared gradient per parameter of each group."""
+    return score_gradient(model, part, batches, seed, probe, per_parameter=True)
 
 
 @register("activation")

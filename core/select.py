@@ -9,7 +9,8 @@ Rules (each records, for every group, whether it is in and why):
     auto        p and a parameter budget from the task's measured complexity (below), then
                 cumulative under that budget.
 Manual `include` / `exclude` (names or globs) apply on top; exclusion wins over everything. The task
-head is always in.
+head is always in, and so are the body parts between the last block and the head (pooler, final
+norm: see core/scoring.py), unless excluded by name.
 
 Task complexity (`measure_complexity`), each part in [0, 1]:
 
@@ -153,7 +154,7 @@ def select_groups(part: Partition, scores: Scores, cfg: MethodConfig, complexity
         p, auto_budget = budget_for(complexity.value)
         p = cfg.p if cfg.p is not None else p
         budget = budget if budget is not None else auto_budget
-        settings.update(p=round(p, 4), budget=round(budget, 4), scope=cfg.scope or "global", complexity=complexity.value)
+        settings.update(p=round(p, 4), budget=round(budget, 4), scope=cfg.scope, complexity=complexity.value)
         rule = "cumulative"
     else:
         rule, p = cfg.rule, cfg.p
@@ -165,7 +166,7 @@ def select_groups(part: Partition, scores: Scores, cfg: MethodConfig, complexity
     by_name = {c.name: c for c in choices}
     ranked = [c for c in choices if c.rank is not None]
     limit = budget * part.total_params if budget is not None else math.inf
-    used = sum(c.size for c in choices if c.kind == "head")
+    used = sum(c.size for c in choices if c.selected)  # head and head-side parts
 
     if rule == "cumulative":
         reached: dict[Any, float] = {}
@@ -194,7 +195,7 @@ def select_groups(part: Partition, scores: Scores, cfg: MethodConfig, complexity
                 c.reason = f"would exceed the parameter budget ({budget:.1%} of the model)"
 
     for name in _matching(part, cfg.include, "method.include"):
-        if by_name[name].kind != "head" and not by_name[name].selected:
+        if not by_name[name].selected:
             by_name[name].selected, by_name[name].reason = True, "included by the user"
     for name in _matching(part, cfg.exclude, "method.exclude"):
         if by_name[name].kind == "head":
@@ -211,9 +212,9 @@ def select_random(part: Partition, target_params: int, seed: int, cfg: MethodCon
     choices = _rank(part, {g.name: None for g in part.groups}, {})
     excluded = set(_matching(part, cfg.exclude, "method.exclude"))
     rng = random.Random(seed)
-    order = [c for c in choices if c.kind != "head"]
+    order = [c for c in choices if not c.selected]
     rng.shuffle(order)
-    used = sum(c.size for c in choices if c.kind == "head")
+    used = sum(c.size for c in choices if c.selected)
     for c in order:
         if c.name in excluded:
             c.reason = "excluded by the user"
@@ -232,12 +233,12 @@ def _rank(part: Partition, raw: dict[str, float | None], norm: dict[str, float])
     rank = {g.name: i + 1 for i, g in enumerate(scored)}
     choices = []
     for g in part.groups:
-        head = g.kind == "head"
-        choices.append(Choice(
-            name=g.name, kind=g.kind, layer=g.layer, size=g.numel, score=raw.get(g.name), normalized=norm.get(g.name),
-            rank=rank.get(g.name), selected=head,
-            reason="task head: always trained" if head else ("not scored by this scorer" if g.name not in rank else ""),
-        ))
+        always = g.kind in ("head", "head_side")
+        reason = ("task head: always trained" if g.kind == "head" else
+                  "feeds the task head directly: trained with it" if always else
+                  "not scored by this scorer" if g.name not in rank else "")
+        choices.append(Choice(name=g.name, kind=g.kind, layer=g.layer, size=g.numel, score=raw.get(g.name),
+                              normalized=norm.get(g.name), rank=rank.get(g.name), selected=always, reason=reason))
     return sorted(choices, key=lambda c: (c.rank is None, c.rank or 0))
 
 

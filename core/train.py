@@ -247,6 +247,9 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
         compute_metrics=compute_metrics,
         callbacks=callbacks,
     )
+    params = dict(model.named_parameters())
+    trainer.head_params = [params[n] for n in plan.head_params if n in params]
+    trainer.head_lr = config.train.head_lr
     trainer.remove_callback(PrinterCallback)  # the run folder is the log; the terminal gets a bar
     t_train = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
@@ -276,6 +279,7 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
         "train_loss": output.training_loss,
         "best_checkpoint_metric": trainer.state.best_metric,
         "learning_rate": config.learning_rate,
+        "head_lr": config.train.head_lr,
         "peak_rss_mb": peak_rss_mb(),
         # What the optimizer held: equals the plan's trainable count (frozen tensors never enter it).
         "optimizer_params": sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]),
@@ -308,8 +312,26 @@ class RunTrainer(Trainer):
     each prediction back to its example by position (NER windows -> words), so order must be kept.
     """
 
+    head_params: list[nn.Parameter] = []
+    head_lr: float | None = None
+
     def _get_eval_sampler(self, eval_dataset):
         return SequentialSampler(eval_dataset)
+
+    def create_optimizer(self, model=None):
+        """Trainer's AdamW groups (decay / no decay), each split so the new head gets `head_lr`."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh and self.head_lr is not None and self.head_params:
+            head = {id(p) for p in self.head_params}
+            groups = []
+            for group in optimizer.param_groups:
+                for is_head in (False, True):
+                    params = [p for p in group["params"] if (id(p) in head) == is_head]
+                    if params:
+                        groups.append({**group, "params": params, "lr": self.head_lr if is_head else group["lr"]})
+            optimizer.param_groups = groups
+        return optimizer
 
 
 class SliceRestore(TrainerCallback):

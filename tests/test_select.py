@@ -32,7 +32,7 @@ def batches():
 
 
 def fake_scores(part, values: dict[str, float]) -> Scores:
-    raw = {g.name: (None if g.kind == "head" else values.get(g.name, 0.0)) for g in part.groups}
+    raw = {g.name: (None if g.kind in ("head", "head_side") else values.get(g.name, 0.0)) for g in part.groups}
     return Scores("gradient", raw, normalize(raw), normalize(raw), 0.0, 1, 1, 1.0, {})
 
 
@@ -51,17 +51,26 @@ def test_p_one_selects_every_scored_group(layer_part):
     assert set(sel.selected) == set(layer_part.names)
 
 
+def test_groups_feeding_the_head_are_trained_with_it_unscored(model, batches):
+    part = partition(model, "layer")
+    assert part.group("pooler").kind == "head_side"
+    scores = score_groups(model, part, batches, "gradient")
+    assert scores.raw["pooler"] is None and scores.raw["head"] is None
+    sel = select_groups(part, scores, method(rule="top_k", top_k=1))
+    assert {"pooler", "head"} <= set(sel.selected) and len(sel.selected) == 3
+
+
 def test_tiny_p_selects_only_the_top_group(layer_part):
-    scores = fake_scores(layer_part, {"embeddings": 1, "layer.0": 2, "layer.1": 30, "pooler": 4})
+    scores = fake_scores(layer_part, {"embeddings": 1, "layer.0": 2, "layer.1": 30})
     sel = select_groups(layer_part, scores, method(rule="cumulative", p=0.01))
-    assert sel.selected == ["layer.1", "head"]
+    assert [c.name for c in sel.choices if c.selected and c.rank] == ["layer.1"]  # plus head and pooler
     reasons = {c.name: c.reason for c in sel.choices}
     assert reasons["head"] == "task head: always trained"
     assert "already reached p=0.010" in reasons["layer.0"]
 
 
 def test_manual_exclusion_wins_over_scores_and_include_adds(layer_part):
-    scores = fake_scores(layer_part, {"embeddings": 1, "layer.0": 2, "layer.1": 30, "pooler": 4})
+    scores = fake_scores(layer_part, {"embeddings": 1, "layer.0": 2, "layer.1": 30})
     sel = select_groups(layer_part, scores, method(rule="cumulative", p=0.5, exclude=["layer.1"], include=["embeddings"]))
     by = {c.name: c for c in sel.choices}
     assert not by["layer.1"].selected and by["layer.1"].reason == "excluded by the user"
@@ -73,13 +82,16 @@ def test_manual_exclusion_wins_over_scores_and_include_adds(layer_part):
 
 
 def test_top_k_and_budget_rules(layer_part):
-    scores = fake_scores(layer_part, {"embeddings": 5, "layer.0": 2, "layer.1": 3, "pooler": 4})
-    assert select_groups(layer_part, scores, method(rule="top_k", top_k=2)).selected == ["embeddings", "pooler", "head"]
-    limit = layer_part.group("embeddings").numel - 1
+    scores = fake_scores(layer_part, {"embeddings": 5, "layer.0": 2, "layer.1": 3})
+    assert set(select_groups(layer_part, scores, method(rule="top_k", top_k=2)).selected) == {"embeddings", "layer.1", "pooler", "head"}
+    scores = fake_scores(layer_part, {"embeddings": 5, "layer.0": 2, "layer.1": 30})
+    always = sum(layer_part.group(g).numel for g in ("head", "pooler"))
+    limit = layer_part.group("embeddings").numel + always
+    assert layer_part.group("layer.1").numel > layer_part.group("embeddings").numel
     sel = select_groups(layer_part, scores, method(rule="budget", budget=limit / layer_part.total_params))
     by = {c.name: c for c in sel.choices}
-    assert not by["embeddings"].selected and "exceed the parameter budget" in by["embeddings"].reason
-    assert by["pooler"].selected  # the next best still fits
+    assert not by["layer.1"].selected and "exceed the parameter budget" in by["layer.1"].reason
+    assert by["embeddings"].selected  # the next best still fits
     assert sel.selected_params <= limit
 
 
@@ -102,7 +114,7 @@ def test_scores_are_reproducible_and_cover_the_groups(model, batches, scorer):
     if scorer == "activation":
         assert scored == {g.name for g in part.groups if g.kind == "expert"}
     else:
-        assert scored == {g.name for g in part.groups if g.kind != "head"}
+        assert scored == {g.name for g in part.groups if g.kind not in ("head", "head_side")}
     assert sum(a.normalized.values()) == pytest.approx(1.0)
     assert all(p.requires_grad for p in model.parameters())  # the scorer restored the flags
 
@@ -137,7 +149,7 @@ def test_camel_run_trains_the_selected_experts_only(tiny_bert, sentiment_csv, tm
     assert {g["name"] for g in sel["groups"]} == set(run.read_json("groups.json")["plan"]["groups"]) | {
         g["name"] for g in sel["groups"] if not g["selected"]}
     assert all(g["reason"] for g in sel["groups"])
-    assert run.config().groups.strategy == "ffn_clusters" and run.config().method.scope == "layer"
+    assert run.config().groups.strategy == "ffn_clusters"
     assert result.report["selection"]["scoring_fraction_of_epoch"] > 0
     # Unselected experts' slices and every unselected tensor are bit-identical to the base model.
     base = dict(load_task_model(run.config().model, "classification", ["neg", "pos"]).named_parameters())
