@@ -75,7 +75,7 @@ class MethodConfig:
     budget: float | None = None  # budget / cap: fraction of the model's parameters (auto: from complexity)
     include: list[str] = field(default_factory=list)  # always trained (names or globs)
     exclude: list[str] = field(default_factory=list)  # never trained; wins over scores and include
-    score_batches: int = 4  # task batches the scorer sees
+    score_batches: int | None = None  # task batches the scorer sees; None: 2 % of an epoch's batches, 2 to 16
     # random_groups: random groups as large as this run's trained part (or `budget` when no run is given)
     match_run: str | None = None
     last_n: int = 2  # last_n: how many top blocks
@@ -215,7 +215,8 @@ class RunConfig:
             raise ConfigError("method.p", "rule 'cumulative' needs p")
         if m.name == "random_groups" and m.match_run is None and m.budget is None:
             raise ConfigError("method.match_run", "random_groups needs a run to match in size (match_run) or a budget")
-        _positive("method.score_batches", m.score_batches)
+        if m.score_batches is not None:
+            _positive("method.score_batches", m.score_batches)
         _positive("method.last_n", m.last_n)
         _positive("method.lora_r", m.lora_r)
         _positive("method.lora_alpha", m.lora_alpha)

@@ -88,7 +88,8 @@ def prepare(config: RunConfig, saved_selection: list[str] | None = None) -> Prep
         model = load_task_model(config.model, config.data.task, data.labels)
     m = config.method
     needs_batches = (m.name == "camel" and saved_selection is None) or config.groups.options.get("features") == "coactivation"
-    batches = task_batches(task, data.train, m.score_batches, config.train.batch_size, config.train.seed) if needs_batches else None
+    n_batches = m.score_batches or score_batches_for(len(data.train), config.train.batch_size)
+    batches = task_batches(task, data.train, n_batches, config.train.batch_size, config.train.seed) if needs_batches else None
     part = partition(model, config.groups.strategy, config.groups.options, calibration=batches)
     selection = None
     if saved_selection is not None:
@@ -110,6 +111,12 @@ def prepare(config: RunConfig, saved_selection: list[str] | None = None) -> Prep
     return Prepared(config, data, task, model, part, plan, selection)
 
 
+def score_batches_for(train_size: int, batch_size: int) -> int:
+    """Default scoring sample: 2 % of an epoch's batches, at least 2, at most 16. A scoring batch
+    costs about two training steps (a full backward pass), so scoring stays near 4 % of an epoch."""
+    return max(2, min(16, round(0.02 * math.ceil(train_size / batch_size))))
+
+
 def task_batches(task: Any, examples: list[dict], n_batches: int, batch_size: int, seed: int) -> list[dict]:
     """A seeded sample of `n_batches` training batches, collated as the model takes them."""
     rng = random.Random(seed)
@@ -117,6 +124,7 @@ def task_batches(task: Any, examples: list[dict], n_batches: int, batch_size: in
     enc = task.encode(sample)
     collate = task.collator()
     rows = [enc.dataset[i] for i in range(len(enc.dataset))][: n_batches * batch_size]
+    rows.sort(key=lambda r: len(r["input_ids"]))  # batches of similar length: little padding to pay for
     return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
