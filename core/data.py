@@ -510,7 +510,6 @@ def _hub_rows(ds, cfg: DataConfig) -> list[dict]:
     cols = ds.column_names
     fake = Path(f"{cfg.train} (hub)")
     if cfg.task == "ner":
-        rec0 = ds[0]
         tk = cfg.token_column or next((k for k in TOKEN_KEYS if k in cols), None)
         gk = cfg.tag_column or next((k for k in TAG_KEYS if k in cols), None)
         if tk is None or gk is None:
@@ -521,7 +520,6 @@ def _hub_rows(ds, cfg: DataConfig) -> list[dict]:
         for i, rec in enumerate(ds):
             tags = [names[t] for t in rec[gk]] if names else rec[gk]
             rows.append(_ner_record(fake, i + 1, {tk: rec[tk], gk: tags}, cfg))
-        del rec0
         return rows
     text_col, label_col = _pick_columns(fake, cols, cfg)
     feat = ds.features[label_col]
