@@ -18,7 +18,7 @@ import yaml
 
 from core.errors import ConfigError
 
-TASKS = ("classification", "ner")
+TASKS = ("classification", "ner", "qa")
 METHODS = ("camel", "groups", "random_groups", "full", "head", "bitfit", "last_n", "lora")
 SCORERS = ("gradient", "gradient_density", "activation", "random")
 RULES = ("auto", "cumulative", "top_k", "budget")
@@ -29,7 +29,7 @@ DATA_FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "conll", "at", "hub")
 class DataConfig:
     """Where the task data is and how to read it."""
 
-    task: str = "classification"  # classification | ner
+    task: str = "classification"  # classification | ner | qa (extractive)
     train: str = ""  # file path, or a `datasets` id when the Hub can be reached
     validation: str | None = None  # file; if absent, a seeded (stratified) split of train
     test: str | None = None  # file; if absent, `test_fraction` of train (0 = no test split)
@@ -44,8 +44,13 @@ class DataConfig:
     test_fraction: float = 0.0
     max_train_samples: int | None = None  # take a seeded random subset (quick experiments)
     max_eval_samples: int | None = None
-    max_length: int = 128  # tokens; classification truncates, NER uses overlapping windows
-    stride: int = 32  # NER: tokens shared by consecutive windows of a long sentence
+    max_length: int = 128  # tokens; classification truncates, NER and QA use overlapping windows
+    stride: int = 32  # NER / QA: tokens shared by consecutive windows of a long input
+    question_column: str | None = None  # qa (CSV/JSONL): auto-detected when absent
+    context_column: str | None = None
+    answer_column: str | None = None  # answer text
+    answer_start_column: str | None = None  # character offset of the answer in the context
+    max_answer_length: int = 30  # qa: longest predicted answer, in tokens
 
 
 @dataclass
@@ -108,7 +113,7 @@ class TrainConfig:
 DEFAULT_LR = {"full": 5e-5, "camel": 2e-4, "groups": 2e-4, "random_groups": 2e-4, "last_n": 2e-4,
               "head": 1e-3, "bitfit": 1e-3, "lora": 1e-3}
 
-HEADLINE_METRIC = {"classification": "macro_f1", "ner": "entity_f1"}
+HEADLINE_METRIC = {"classification": "macro_f1", "ner": "entity_f1", "qa": "f1"}
 
 
 @dataclass

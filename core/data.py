@@ -5,6 +5,7 @@ Examples are plain dicts that remember where they came from (`line`), so any lat
 
     classification: {"text": str, "label": str, "line": int}
     ner:            {"tokens": [str], "tags": [str], "line": int}
+    qa:             {"id", "title", "question", "context", "answers": [{"text", "answer_start"}], "line"}
 
 Formats (`DataConfig.format`, "auto" picks by extension):
     csv / tsv      header row; text and label columns by name (auto-detected from common names)
@@ -15,6 +16,13 @@ Formats (`DataConfig.format`, "auto" picks by extension):
     at             classification: `text@label` per line, split on the last `@`
                    (Financial PhraseBank; pass encoding latin-1 for it)
     hub            a `datasets` id, loaded with `datasets.load_dataset` (needs the Hub)
+QA reads SQuAD JSON (`{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}`), or flat
+CSV / TSV / JSONL / JSON records with question, context, answer text and answer start (or a
+SQuAD-style `answers` object). Answer offsets are checked: an answer whose text is not at its offset
+is moved to the occurrence of that text in the context nearest to the given offset (the example is
+marked `fixed`, counted in data.json); an answer whose text is nowhere in the context is an error.
+QA splits are made by article (title), or by context when there are no titles, so no passage is in
+two splits.
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ from core.errors import DataError
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "content", "instruction", "review", "document", "utterance", "query", "question")
 LABEL_COLUMNS = ("label", "labels", "intent", "category", "class", "sentiment", "target", "y")
+QUESTION_COLUMNS = ("question", "query", "q")
+CONTEXT_COLUMNS = ("context", "passage", "document", "paragraph")
+ANSWER_COLUMNS = ("answer", "answer_text", "answers", "text")
+ANSWER_START_COLUMNS = ("answer_start", "start", "answer_offset")
 TOKEN_KEYS = ("tokens", "words")
 TAG_KEYS = ("ner_tags", "tags", "labels", "label")
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".conll": "conll"}
@@ -53,12 +65,15 @@ class TaskData:
     sources: dict[str, str] = field(default_factory=dict)  # split -> where it came from
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "task": self.task,
             "labels": self.labels,
             "sizes": {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)},
             "sources": self.sources,
         }
+        if self.task == "qa":
+            out["answers_fixed"] = sum(ex.get("fixed", False) for s in (self.train, self.validation, self.test) for ex in s)
+        return out
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -121,7 +136,9 @@ def read_examples(path: str | Path, cfg: DataConfig) -> list[dict]:
     path = Path(path)
     fmt = detect_format(path, cfg)
     text = read_text(path, cfg.encoding)
-    if cfg.task == "ner":
+    if cfg.task == "qa":
+        examples = _read_qa(path, text, fmt, cfg)
+    elif cfg.task == "ner":
         if fmt == "conll":
             examples = _read_conll(path, text, cfg)
         elif fmt in ("json", "jsonl"):
@@ -190,7 +207,21 @@ def split_examples(examples: list[dict], fraction: float, task: str, rng: random
         raise DataError(source, f"only {len(examples)} examples: too few to split off {fraction:.0%}")
     order = list(range(len(examples)))
     rng.shuffle(order)
-    if task == "classification":
+    if task == "qa":
+        # Whole articles (or passages) go to one side, so no context is in two splits.
+        groups: dict[str, list[int]] = {}
+        for i in range(len(examples)):
+            groups.setdefault(examples[i].get("title") or examples[i]["context"], []).append(i)
+        keys = sorted(groups)
+        rng.shuffle(keys)
+        if len(keys) < 2:
+            raise DataError(source, "all questions share one article/context: too few to split by article")
+        out_set = set()
+        for key in keys[:-1]:
+            if len(out_set) >= n_out:
+                break
+            out_set.update(groups[key])
+    elif task == "classification":
         by_label: dict[str, list[int]] = {}
         for i in order:
             by_label.setdefault(examples[i]["label"], []).append(i)
@@ -218,6 +249,8 @@ def subsample(examples: list[dict], n: int | None, rng: random.Random) -> list[d
 
 
 def build_labels(task: str, examples: list[dict], source: str) -> list[str]:
+    if task == "qa":
+        return []  # answers are spans of the context, not classes
     if task == "ner":
         tags = {t for ex in examples for t in ex["tags"]}
         # "O" first, then by entity type, B- before I- (the order people read a tag set in).
@@ -235,6 +268,8 @@ def build_labels(task: str, examples: list[dict], source: str) -> list[str]:
 
 
 def check_labels(task: str, examples: list[dict], labels: list[str], source: str) -> None:
+    if task == "qa":
+        return
     known = set(labels)
     for ex in examples:
         seen = ex["tags"] if task == "ner" else [ex["label"]]
@@ -531,6 +566,114 @@ def _hub_rows(ds, cfg: DataConfig) -> list[dict]:
 
 
 def label_counts(task: str, examples: list[dict]) -> Counter:
+    if task == "qa":
+        return Counter()
     if task == "ner":
         return Counter(t for ex in examples for t in ex["tags"])
     return Counter(ex["label"] for ex in examples)
+
+
+# ---- extractive QA ------------------------------------------------------------------------------
+def _read_qa(path: Path, text: str, fmt: str, cfg: DataConfig) -> list[dict]:
+    if fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"not valid JSON: {e.msg}", line=e.lineno, column=e.colno) from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list) and data["data"] and "paragraphs" in data["data"][0]:
+            return _read_squad(path, text, data)
+        records = list(_json_records(path, text, fmt))
+    elif fmt == "jsonl":
+        records = list(_json_records(path, text, fmt))
+    elif fmt in ("csv", "tsv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t")
+        records, start = [], 2
+        try:
+            for row in reader:
+                if None in row:
+                    raise DataError(path, f"row has more fields than the header ({len(reader.fieldnames)})", line=start)
+                records.append((start, row))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise DataError(path, f"not valid {fmt.upper()}: {e}", line=start) from None
+    else:
+        raise DataError(path, f"format {fmt!r} is not supported for QA; use json (SQuAD), jsonl, csv or tsv")
+    if not records:
+        return []
+    keys = _record_keys(records)
+
+    def pick(wanted: str | None, candidates: tuple[str, ...], role: str, field_name: str) -> str:
+        if wanted is not None:
+            if wanted not in keys:
+                raise DataError(path, f"{role} column {wanted!r} (data.{field_name}) not found; columns are: {', '.join(keys)}")
+            return wanted
+        for cand in candidates:
+            if cand in keys:
+                return cand
+        raise DataError(path, f"cannot tell which column is the {role}; columns are: {', '.join(keys)}. Set data.{field_name}")
+
+    qk = pick(cfg.question_column, QUESTION_COLUMNS, "question", "question_column")
+    ck = pick(cfg.context_column, CONTEXT_COLUMNS, "context", "context_column")
+    ak = pick(cfg.answer_column, ANSWER_COLUMNS, "answer", "answer_column")
+    nested = all(isinstance(rec.get(ak), dict) for _, rec in records[:20])
+    sk = None if nested else pick(cfg.answer_start_column, ANSWER_START_COLUMNS, "answer start", "answer_start_column")
+    examples = []
+    for line, rec in records:
+        if nested:
+            ans = rec[ak]
+            texts, starts = ans.get("text", []), ans.get("answer_start", [])
+            if len(texts) != len(starts):
+                raise DataError(path, f"{len(texts)} answer texts but {len(starts)} answer starts", line=line, column=ak)
+            answers = [{"text": t, "answer_start": s} for t, s in zip(texts, starts)]
+        else:
+            answers = [{"text": rec.get(ak), "answer_start": rec.get(sk)}]
+        examples.append(_qa_example(path, line, str(rec.get("id", line)), rec.get("title"), rec.get(qk), rec.get(ck),
+                                    answers, (qk, ck, ak)))
+    return examples
+
+
+def _read_squad(path: Path, text: str, data: dict) -> list[dict]:
+    examples = []
+    pos = 0
+    for a, article in enumerate(data["data"]):
+        title = article.get("title") or f"article {a + 1}"
+        for paragraph in article.get("paragraphs", []):
+            context = paragraph.get("context")
+            for qa in paragraph.get("qas", []):
+                qid = str(qa.get("id", ""))
+                found = text.find(f'"{qid}"', pos) if qid else -1  # ids appear in file order: scan once
+                if found >= 0:
+                    pos = found
+                line = text.count("\n", 0, pos) + 1 if found >= 0 else None
+                examples.append(_qa_example(path, line, qid or f"{title}-{len(examples)}", title, qa.get("question"),
+                                            context, qa.get("answers", []), ("question", "context", "answers")))
+    return examples
+
+
+def _qa_example(path: Path, line: int | None, qid: str, title: str | None, question: Any, context: Any,
+                answers: list, columns: tuple[str, str, str]) -> dict:
+    qk, ck, ak = columns
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(path, f"question {qid}: empty question", line=line, column=qk)
+    if not isinstance(context, str) or not context.strip():
+        raise DataError(path, f"question {qid}: empty context", line=line, column=ck)
+    if not isinstance(answers, list) or not answers:
+        raise DataError(path, f"question {qid}: no answer", line=line, column=ak)
+    fixed = False
+    clean = []
+    for ans in answers:
+        text, start = ans.get("text") if isinstance(ans, dict) else None, ans.get("answer_start") if isinstance(ans, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(path, f"question {qid}: empty answer text", line=line, column=ak)
+        try:
+            start = int(start)
+        except (TypeError, ValueError):
+            raise DataError(path, f"question {qid}: answer start {start!r} is not a number", line=line, column=ak) from None
+        if context[start:start + len(text)] != text:
+            hits = [m.start() for m in re.finditer(re.escape(text), context)]
+            if not hits:
+                raise DataError(path, f"question {qid}: answer {text!r} does not occur in its context", line=line, column=ak)
+            start, fixed = min(hits, key=lambda h: abs(h - start)), True
+        clean.append({"text": text, "answer_start": start})
+    return {"id": qid, "title": title, "question": question.strip(), "context": context, "answers": clean,
+            "fixed": fixed, "line": line, "file": str(path)}

@@ -96,7 +96,7 @@ def evaluate_run(run, data_path: str, overrides: dict[str, Any] | None = None, n
     from core.data import check_labels, read_examples
     from core.delta import load_run_model
     from core.models import load_tokenizer
-    from core.tasks import make_task, predict_logits, prediction_records
+    from core.tasks import predict_logits, prediction_records, task_for
 
     config = run.config()
     data_cfg = dataclasses.replace(config.data, **(overrides or {}))
@@ -104,7 +104,7 @@ def evaluate_run(run, data_path: str, overrides: dict[str, Any] | None = None, n
     labels = run.labels()
     check_labels(data_cfg.task, examples, labels, data_path)
     model = load_run_model(run)
-    task = make_task(data_cfg.task, load_tokenizer(config.model), labels, data_cfg.max_length, data_cfg.stride)
+    task = task_for(data_cfg, load_tokenizer(config.model), labels)
     enc = task.encode(examples)
     predictions = task.predict(examples, enc, predict_logits(model, task, enc, batch_size))
     result = {"run_id": run.id, "data": str(data_path), "metric": config.metric, **task.metrics(examples, predictions)}
@@ -112,3 +112,37 @@ def evaluate_run(run, data_path: str, overrides: dict[str, Any] | None = None, n
     run.write_json(f"eval/{name}.json", result)
     run.write_jsonl(f"eval/{name}.predictions.jsonl", prediction_records(examples, predictions))
     return result
+
+
+# ---- extractive QA (SQuAD v1.1 evaluation, written here: the Hub metric script fails offline) ----
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles (a/an/the), single spaces."""
+    import re
+    import string
+
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def answer_f1(prediction: str, gold: str) -> float:
+    from collections import Counter
+
+    pred_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = Counter(pred_tokens) & Counter(gold_tokens)
+    same = sum(common.values())
+    if not pred_tokens or not gold_tokens:
+        return float(pred_tokens == gold_tokens)
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_metrics(predictions: list[str], golds: list[list[str]]) -> dict[str, Any]:
+    """Exact match and F1 in percent, each the best over a question's gold answers (as SQuAD does)."""
+    em = [max(float(normalize_answer(p) == normalize_answer(g)) for g in gs) for p, gs in zip(predictions, golds)]
+    f1 = [max(answer_f1(p, g) for g in gs) for p, gs in zip(predictions, golds)]
+    n = max(len(predictions), 1)
+    return {"exact_match": 100.0 * sum(em) / n, "f1": 100.0 * sum(f1) / n, "n": len(predictions)}

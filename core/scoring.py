@@ -232,6 +232,8 @@ class _ProbeFeatures:
         self.max_rows = max_rows
 
     def add(self, out: Any, batch: dict) -> None:
+        if "labels" not in batch or not getattr(out, "hidden_states", None):
+            return  # span (QA) and generative tasks: no class labels to probe
         hidden = out.hidden_states[-1].detach().float()  # (batch, seq, H)
         labels = batch["labels"]
         if labels.dim() == 1:

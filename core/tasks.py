@@ -7,6 +7,11 @@ One class per task with the same three steps, so training, evaluation and the UI
 
 Long inputs:
 - classification truncates to `max_length` tokens (the head reads the first token's state);
+- QA splits a long context into windows of `max_length` tokens (question + part of the context) that
+  share `stride` tokens; a window that does not hold the answer is trained to point at [CLS]. The
+  predicted answer is the best-scoring span (start + end logit, at most `max_answer_length` tokens,
+  inside the context) over the n best starts and ends of every window, mapped back to characters
+  of the context through the tokenizer's offsets.
 - NER splits a long sentence into overlapping windows of `max_length` tokens that share `stride`
   tokens. Each word is labelled on its first sub-token (the others get -100, ignored by the loss,
   as in transformers' run_ner.py). When windows overlap, a word's prediction is taken from the window
@@ -34,6 +39,7 @@ from core.evaluate import (
     classification_scalars,
     ner_metrics,
     ner_scalars,
+    qa_metrics,
 )
 
 
@@ -41,7 +47,7 @@ from core.evaluate import (
 class Encoded:
     dataset: datasets.Dataset
     sample_of: list[int]  # feature -> example index
-    word_ids: list[list[int | None]] | None = None  # NER: feature position -> word index
+    word_ids: list[list[Any]] | None = None  # NER: position -> word index; QA: position -> char offsets
 
 
 class ClassificationTask:
@@ -135,7 +141,7 @@ class NerTask:
 def predict_logits(model: nn.Module, task: Any, enc: Encoded, batch_size: int = 64) -> np.ndarray:
     """Logits for every feature, in order. Batches hold similar lengths (less padding); for token
     tasks the result is padded to the longest feature: (features, max_len, labels)."""
-    ds = enc.dataset.remove_columns([c for c in ("labels",) if c in enc.dataset.column_names])
+    ds = enc.dataset.remove_columns([c for c in ("labels", "start_positions", "end_positions") if c in enc.dataset.column_names])
     lengths = [len(ids) for ids in ds["input_ids"]]
     order = np.argsort(lengths, kind="stable")
     collate = task.collator()
@@ -147,7 +153,7 @@ def predict_logits(model: nn.Module, task: Any, enc: Encoded, batch_size: int = 
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size].tolist()
             batch = collate([ds[i] for i in idx])
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
+            logits = model_logits(model(**{k: v.to(device) for k, v in batch.items()})).float().cpu().numpy()
             for row, i in enumerate(idx):
                 outputs[i] = logits[row, : lengths[i]] if logits.ndim == 3 else logits[row]
     model.train(was_training)
@@ -166,11 +172,97 @@ def prediction_records(examples: list[dict], predictions: list[dict]) -> list[di
     return [{**{k: v for k, v in ex.items() if k != "file"}, "predicted": p} for ex, p in zip(examples, predictions, strict=False)]
 
 
-TASKS = {"classification": ClassificationTask, "ner": NerTask}
+class QaTask:
+    name = "qa"
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, labels: list[str], max_length: int, stride: int = 32,
+                 max_answer_length: int = 30, n_best: int = 20):
+        self.tokenizer, self.labels, self.max_length, self.stride = tokenizer, labels, max_length, stride
+        self.max_answer_length, self.n_best = max_answer_length, n_best
+        self.pad_right = tokenizer.padding_side == "right"
+
+    def encode(self, examples: list[dict]) -> Encoded:
+        enc = self.tokenizer(
+            [ex["question"] for ex in examples],
+            [ex["context"] for ex in examples],
+            truncation="only_second",
+            max_length=self.max_length,
+            stride=self.stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+        )
+        sample_of = list(enc["overflow_to_sample_mapping"])
+        starts, ends, offsets = [], [], []
+        for f, s in enumerate(sample_of):
+            seq_ids = enc.sequence_ids(f)
+            # Offsets of context tokens only; None elsewhere (question, specials): never an answer.
+            offsets.append([o if seq_ids[j] == 1 else None for j, o in enumerate(enc["offset_mapping"][f])])
+            answers = examples[s].get("answers") or []
+            start_tok = end_tok = 0  # [CLS]: "the answer is not in this window"
+            if answers:
+                a0 = answers[0]["answer_start"]
+                a1 = a0 + len(answers[0]["text"])
+                ctx = [j for j, sid in enumerate(seq_ids) if sid == 1]
+                lo, hi = ctx[0], ctx[-1]
+                off = enc["offset_mapping"][f]
+                if off[lo][0] <= a0 and off[hi][1] >= a1:
+                    start_tok = next(j for j in range(lo, hi + 1) if off[j][1] > a0)
+                    end_tok = next(j for j in range(hi, lo - 1, -1) if off[j][0] < a1)
+            starts.append(start_tok)
+            ends.append(end_tok)
+        cols = {k: enc[k] for k in enc if k not in ("overflow_to_sample_mapping", "offset_mapping")}
+        cols["start_positions"], cols["end_positions"] = starts, ends
+        return Encoded(datasets.Dataset.from_dict(cols), sample_of, offsets)
+
+    def collator(self):
+        return DataCollatorWithPadding(self.tokenizer)
+
+    def predict(self, examples: list[dict], enc: Encoded, logits: Any) -> list[dict[str, Any]]:
+        start_logits, end_logits = _split_span_logits(logits)
+        best: list[dict[str, Any] | None] = [None] * len(examples)
+        for f, (s, offsets) in enumerate(zip(enc.sample_of, enc.word_ids)):
+            n = len(offsets)
+            st, en = start_logits[f][:n], end_logits[f][:n]
+            for i in np.argsort(st)[::-1][: self.n_best]:
+                for j in np.argsort(en)[::-1][: self.n_best]:
+                    if offsets[i] is None or offsets[j] is None or j < i or j - i + 1 > self.max_answer_length:
+                        continue
+                    score = float(st[i] + en[j])
+                    if best[s] is None or score > best[s]["score"]:
+                        a, b = offsets[i][0], offsets[j][1]
+                        best[s] = {"answer": examples[s]["context"][a:b], "start": a, "end": b, "score": score}
+        return [b or {"answer": "", "start": 0, "end": 0, "score": float("-inf")} for b in best]
+
+    def metrics(self, examples: list[dict], predictions: list[dict], full: bool = True) -> dict[str, Any]:
+        return qa_metrics([p["answer"] for p in predictions], [[a["text"] for a in ex["answers"]] for ex in examples])
 
 
-def make_task(name: str, tokenizer: PreTrainedTokenizerBase, labels: list[str], max_length: int, stride: int):
-    return TASKS[name](tokenizer, labels, max_length, stride)
+def _split_span_logits(logits: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) logits from Trainer's tuple, or from predict_logits' stacked (features, len, 2)."""
+    if isinstance(logits, (tuple, list)):
+        return np.asarray(logits[0]), np.asarray(logits[1])
+    return logits[..., 0], logits[..., 1]
+
+
+TASKS = {"classification": ClassificationTask, "ner": NerTask, "qa": QaTask}
+
+
+def make_task(name: str, tokenizer: PreTrainedTokenizerBase, labels: list[str], max_length: int, stride: int,
+              **options: Any):
+    return TASKS[name](tokenizer, labels, max_length, stride, **options)
+
+
+def task_for(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, labels: list[str]):
+    """The task object a DataConfig describes."""
+    options = {"max_answer_length": data_cfg.max_answer_length} if data_cfg.task == "qa" else {}
+    return make_task(data_cfg.task, tokenizer, labels, data_cfg.max_length, data_cfg.stride, **options)
+
+
+def model_logits(output: Any) -> torch.Tensor:
+    """One tensor per batch: classification/NER logits, or QA start and end stacked on a last axis."""
+    if getattr(output, "start_logits", None) is not None:
+        return torch.stack([output.start_logits, output.end_logits], dim=-1)
+    return output.logits
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -42,7 +42,7 @@ from core.models import load_task_model, load_tokenizer
 from core.runs import Run, create_run, open_run
 from core.scoring import score_groups
 from core.select import Selection, measure_complexity, select_groups, select_random
-from core.tasks import make_task, predict_logits, prediction_records
+from core.tasks import predict_logits, prediction_records, task_for
 
 # Checkpoint saves warn that a CPU model's layers "were not sharded" (tensor parallelism): noise here.
 logging.getLogger("transformers.distributed.tensor_parallel").setLevel(logging.ERROR)
@@ -80,7 +80,7 @@ def prepare(config: RunConfig, saved_selection: list[str] | None = None) -> Prep
         parent_labels = open_run(config.init_from, config.runs_dir).labels()
     data = load_task_data(config.data, seed=config.train.seed, labels=parent_labels)
     tokenizer = load_tokenizer(config.model)
-    task = make_task(config.data.task, tokenizer, data.labels, config.data.max_length, config.data.stride)
+    task = task_for(config.data, tokenizer, data.labels)
     if config.init_from:
         model = load_run_model(open_run(config.init_from, config.runs_dir), merge=True)
         model.train()
@@ -97,8 +97,9 @@ def prepare(config: RunConfig, saved_selection: list[str] | None = None) -> Prep
     elif m.name == "camel":
         scores = score_groups(model, part, batches, m.scorer, seed=config.train.seed)
         mean_length = float(np.mean([float(b["attention_mask"].sum(1).float().mean()) for b in batches]))
-        complexity = measure_complexity(data.labels, label_counts(config.data.task, data.train), len(data.train),
-                                        mean_length, config.data.task == "ner", scores)
+        complexity = measure_complexity(data.labels or [f"position {i}" for i in range(config.data.max_length)],
+                                        label_counts(config.data.task, data.train), len(data.train),
+                                        mean_length, config.data.task != "classification", scores)
         selection = select_groups(part, scores, m, complexity)
         chosen = selection.selected
     elif m.name == "random_groups":
@@ -234,10 +235,13 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        label_names=["start_positions", "end_positions"] if task.name == "qa" else ["labels"],
     )
 
     def compute_metrics(p) -> dict[str, float]:
-        logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
+        logits = p.predictions  # QA: (start, end); others: logits, or a tuple led by them
+        if isinstance(logits, tuple) and task.name != "qa":
+            logits = logits[0]
         return task.metrics(data.validation, task.predict(data.validation, val_enc, logits), full=False)
 
     callbacks: list[TrainerCallback] = [RunLogger(run)]
