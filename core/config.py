@@ -18,7 +18,7 @@ import yaml
 
 from core.errors import ConfigError
 
-TASKS = ("classification", "ner", "qa")
+TASKS = ("classification", "ner", "qa", "dialogue")
 METHODS = ("camel", "groups", "random_groups", "full", "head", "bitfit", "last_n", "lora")
 SCORERS = ("gradient", "gradient_density", "activation", "random")
 RULES = ("auto", "cumulative", "top_k", "budget")
@@ -29,7 +29,7 @@ DATA_FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "conll", "at", "hub")
 class DataConfig:
     """Where the task data is and how to read it."""
 
-    task: str = "classification"  # classification | ner | qa (extractive)
+    task: str = "classification"  # classification | ner | qa (extractive) | dialogue (causal LM)
     train: str = ""  # file path, or a `datasets` id when the Hub can be reached
     validation: str | None = None  # file; if absent, a seeded (stratified) split of train
     test: str | None = None  # file; if absent, `test_fraction` of train (0 = no test split)
@@ -51,6 +51,9 @@ class DataConfig:
     answer_column: str | None = None  # answer text
     answer_start_column: str | None = None  # character offset of the answer in the context
     max_answer_length: int = 30  # qa: longest predicted answer, in tokens
+    prompt_column: str | None = None  # dialogue from columns: the user turn (instruction) ...
+    response_column: str | None = None  # ... and the assistant turn (response)
+    system_prompt: str | None = None  # dialogue: a system message put before each conversation
 
 
 @dataclass
@@ -113,7 +116,21 @@ class TrainConfig:
 DEFAULT_LR = {"full": 5e-5, "camel": 2e-4, "groups": 2e-4, "random_groups": 2e-4, "last_n": 2e-4,
               "head": 1e-3, "bitfit": 1e-3, "lora": 1e-3}
 
-HEADLINE_METRIC = {"classification": "macro_f1", "ner": "entity_f1", "qa": "f1"}
+HEADLINE_METRIC = {"classification": "macro_f1", "ner": "entity_f1", "qa": "f1", "dialogue": "loss"}
+
+
+@dataclass
+class EvalConfig:
+    """What the final evaluation measures besides the task metric."""
+
+    # Forgetting: causal LMs, perplexity on this general corpus before and after tuning; encoders,
+    # cosine similarity of base and tuned sentence embeddings of its lines. None: not measured.
+    forgetting_corpus: str | None = None
+    forgetting_tokens: int = 8192  # how much of the corpus (causal LM), in tokens
+    forgetting_lines: int = 128  # how many lines (encoders)
+    generation_samples: int = 8  # dialogue: validation prompts answered and saved in the report
+    max_new_tokens: int = 128
+    generation_metrics: list[str] = field(default_factory=list)  # dialogue: rouge, chrf, bleu
 
 
 @dataclass
@@ -123,6 +140,7 @@ class RunConfig:
     groups: GroupsConfig = field(default_factory=GroupsConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_id: str | None = None  # None: generated from time and method
     runs_dir: str = "runs"
     init_from: str | None = None  # parent run id: start from its tuned weights (lineage)
@@ -195,6 +213,8 @@ class RunConfig:
         if d.validation_fraction + d.test_fraction >= 1.0:
             raise ConfigError("data.test_fraction", "validation_fraction + test_fraction must leave training data")
         _positive("data.max_length", d.max_length)
+        for name in self.eval.generation_metrics:
+            _choice("eval.generation_metrics", name, ("rouge", "chrf", "bleu"))
         if not 0 <= d.stride < d.max_length // 2:
             raise ConfigError("data.stride", f"must be in [0, max_length/2), got {d.stride}")
         for name in ("max_train_samples", "max_eval_samples"):

@@ -6,6 +6,7 @@ Examples are plain dicts that remember where they came from (`line`), so any lat
     classification: {"text": str, "label": str, "line": int}
     ner:            {"tokens": [str], "tags": [str], "line": int}
     qa:             {"id", "title", "question", "context", "answers": [{"text", "answer_start"}], "line"}
+    dialogue:       {"messages": [{"role", "content"}, ...], "line"}   (ends with an assistant turn)
 
 Formats (`DataConfig.format`, "auto" picks by extension):
     csv / tsv      header row; text and label columns by name (auto-detected from common names)
@@ -21,6 +22,10 @@ CSV / TSV / JSONL / JSON records with question, context, answer text and answer 
 SQuAD-style `answers` object). Answer offsets are checked: an answer whose text is not at its offset
 is moved to the occurrence of that text in the context nearest to the given offset (the example is
 marked `fixed`, counted in data.json); an answer whose text is nowhere in the context is an error.
+Dialogue reads JSON / JSONL records holding a `messages` (or `conversations`) list of
+{role, content} turns, or prompt / response columns (instruction / response, ...) from CSV, TSV,
+JSON or JSONL, which become one user turn and one assistant turn (after `system_prompt`, if set).
+Roles are system, user and assistant; a conversation must end with an assistant turn.
 QA splits are made by article (title), or by context when there are no titles, so no passage is in
 two splits.
 """
@@ -46,6 +51,10 @@ QUESTION_COLUMNS = ("question", "query", "q")
 CONTEXT_COLUMNS = ("context", "passage", "document", "paragraph")
 ANSWER_COLUMNS = ("answer", "answer_text", "answers", "text")
 ANSWER_START_COLUMNS = ("answer_start", "start", "answer_offset")
+PROMPT_COLUMNS = ("instruction", "prompt", "question", "input", "query", "source")
+RESPONSE_COLUMNS = ("response", "output", "answer", "completion", "target", "summary", "translation")
+MESSAGE_KEYS = ("messages", "conversations", "conversation")
+ROLES = ("system", "user", "assistant")
 TOKEN_KEYS = ("tokens", "words")
 TAG_KEYS = ("ner_tags", "tags", "labels", "label")
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".conll": "conll"}
@@ -138,6 +147,8 @@ def read_examples(path: str | Path, cfg: DataConfig) -> list[dict]:
     text = read_text(path, cfg.encoding)
     if cfg.task == "qa":
         examples = _read_qa(path, text, fmt, cfg)
+    elif cfg.task == "dialogue":
+        examples = _read_dialogue(path, text, fmt, cfg)
     elif cfg.task == "ner":
         if fmt == "conll":
             examples = _read_conll(path, text, cfg)
@@ -249,8 +260,8 @@ def subsample(examples: list[dict], n: int | None, rng: random.Random) -> list[d
 
 
 def build_labels(task: str, examples: list[dict], source: str) -> list[str]:
-    if task == "qa":
-        return []  # answers are spans of the context, not classes
+    if task in ("qa", "dialogue"):
+        return []  # answers are spans of the context / generated text, not classes
     if task == "ner":
         tags = {t for ex in examples for t in ex["tags"]}
         # "O" first, then by entity type, B- before I- (the order people read a tag set in).
@@ -268,7 +279,7 @@ def build_labels(task: str, examples: list[dict], source: str) -> list[str]:
 
 
 def check_labels(task: str, examples: list[dict], labels: list[str], source: str) -> None:
-    if task == "qa":
+    if task in ("qa", "dialogue"):
         return
     known = set(labels)
     for ex in examples:
@@ -566,7 +577,7 @@ def _hub_rows(ds, cfg: DataConfig) -> list[dict]:
 
 
 def label_counts(task: str, examples: list[dict]) -> Counter:
-    if task == "qa":
+    if task in ("qa", "dialogue"):
         return Counter()
     if task == "ner":
         return Counter(t for ex in examples for t in ex["tags"])
@@ -586,16 +597,7 @@ def _read_qa(path: Path, text: str, fmt: str, cfg: DataConfig) -> list[dict]:
     elif fmt == "jsonl":
         records = list(_json_records(path, text, fmt))
     elif fmt in ("csv", "tsv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t")
-        records, start = [], 2
-        try:
-            for row in reader:
-                if None in row:
-                    raise DataError(path, f"row has more fields than the header ({len(reader.fieldnames)})", line=start)
-                records.append((start, row))
-                start = reader.line_num + 1
-        except csv.Error as e:
-            raise DataError(path, f"not valid {fmt.upper()}: {e}", line=start) from None
+        records = _delimited_records(path, text, fmt)
     else:
         raise DataError(path, f"format {fmt!r} is not supported for QA; use json (SQuAD), jsonl, csv or tsv")
     if not records:
@@ -677,3 +679,76 @@ def _qa_example(path: Path, line: int | None, qid: str, title: str | None, quest
         clean.append({"text": text, "answer_start": start})
     return {"id": qid, "title": title, "question": question.strip(), "context": context, "answers": clean,
             "fixed": fixed, "line": line, "file": str(path)}
+
+
+# ---- dialogue -----------------------------------------------------------------------------------
+def _delimited_records(path: Path, text: str, fmt: str) -> list[tuple[int, dict]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t")
+    records, start = [], 2
+    try:
+        for row in reader:
+            if None in row:
+                raise DataError(path, f"row has more fields than the header ({len(reader.fieldnames)})", line=start)
+            records.append((start, row))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(path, f"not valid {fmt.upper()}: {e}", line=start) from None
+    return records
+
+
+def _read_dialogue(path: Path, text: str, fmt: str, cfg: DataConfig) -> list[dict]:
+    if fmt in ("json", "jsonl"):
+        records = list(_json_records(path, text, fmt))
+    elif fmt in ("csv", "tsv"):
+        records = _delimited_records(path, text, fmt)
+    else:
+        raise DataError(path, f"format {fmt!r} is not supported for dialogue; use jsonl, json, csv or tsv")
+    if not records:
+        return []
+    keys = _record_keys(records)
+    message_key = next((k for k in MESSAGE_KEYS if k in keys), None)
+    if message_key is None:
+        def pick(wanted: str | None, candidates: tuple[str, ...], role: str, field_name: str) -> str:
+            if wanted is not None:
+                if wanted not in keys:
+                    raise DataError(path, f"{role} column {wanted!r} (data.{field_name}) not found; columns are: {', '.join(keys)}")
+                return wanted
+            for cand in candidates:
+                if cand in keys:
+                    return cand
+            raise DataError(path, f"no 'messages' list and cannot tell which column is the {role}; columns are: "
+                            f"{', '.join(keys)}. Set data.{field_name}")
+
+        pk = pick(cfg.prompt_column, PROMPT_COLUMNS, "prompt", "prompt_column")
+        rk = pick(cfg.response_column, RESPONSE_COLUMNS, "response", "response_column")
+    examples = []
+    for line, rec in records:
+        if message_key is not None:
+            messages = rec.get(message_key)
+            column = message_key
+        else:
+            for key in (pk, rk):
+                if not isinstance(rec.get(key), str) or not rec[key].strip():
+                    raise DataError(path, f"empty {key}", line=line, column=key)
+            messages = [{"role": "user", "content": rec[pk].strip()}, {"role": "assistant", "content": rec[rk].strip()}]
+            column = rk
+        examples.append({"messages": _check_messages(path, line, column, messages, cfg.system_prompt), "line": line, "file": str(path)})
+    return examples
+
+
+def _check_messages(path: Path, line: int, column: str, messages: Any, system_prompt: str | None) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(path, "'messages' must be a non-empty list of {role, content}", line=line, column=column)
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise DataError(path, f"message {i + 1}: role must be one of {', '.join(ROLES)}", line=line, column=column)
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise DataError(path, f"message {i + 1}: empty content", line=line, column=column)
+        clean.append({"role": m["role"], "content": m["content"]})
+    if clean[-1]["role"] != "assistant":
+        raise DataError(path, "the conversation must end with an assistant turn (what the model learns to say)",
+                        line=line, column=column)
+    if system_prompt and clean[0]["role"] != "system":
+        clean.insert(0, {"role": "system", "content": system_prompt})
+    return clean

@@ -96,7 +96,7 @@ def evaluate_run(run, data_path: str, overrides: dict[str, Any] | None = None, n
     from core.data import check_labels, read_examples
     from core.delta import load_run_model
     from core.models import load_tokenizer
-    from core.tasks import predict_logits, prediction_records, task_for
+    from core.tasks import evaluate_task, prediction_records, task_for
 
     config = run.config()
     data_cfg = dataclasses.replace(config.data, **(overrides or {}))
@@ -104,10 +104,11 @@ def evaluate_run(run, data_path: str, overrides: dict[str, Any] | None = None, n
     labels = run.labels()
     check_labels(data_cfg.task, examples, labels, data_path)
     model = load_run_model(run)
-    task = task_for(data_cfg, load_tokenizer(config.model), labels)
+    task = task_for(data_cfg, load_tokenizer(config.model), labels, config.eval)
     enc = task.encode(examples)
-    predictions = task.predict(examples, enc, predict_logits(model, task, enc, batch_size))
-    result = {"run_id": run.id, "data": str(data_path), "metric": config.metric, **task.metrics(examples, predictions)}
+    metrics, predictions = evaluate_task(task, model, examples, enc, batch_size)
+    examples = [examples[i] for i in enc.sample_of] if data_cfg.task == "dialogue" else examples
+    result = {"run_id": run.id, "data": str(data_path), "metric": config.metric, **metrics}
     name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data_path).stem).strip("-.") or "eval"
     run.write_json(f"eval/{name}.json", result)
     run.write_jsonl(f"eval/{name}.predictions.jsonl", prediction_records(examples, predictions))
@@ -146,3 +147,93 @@ def qa_metrics(predictions: list[str], golds: list[list[str]]) -> dict[str, Any]
     f1 = [max(answer_f1(p, g) for g in gs) for p, gs in zip(predictions, golds)]
     n = max(len(predictions), 1)
     return {"exact_match": 100.0 * sum(em) / n, "f1": 100.0 * sum(f1) / n, "n": len(predictions)}
+
+
+# ---- language models: response loss, forgetting, generation scores ------------------------------
+def language_model_loss(model, rows: list[dict], collate, batch_size: int = 16) -> tuple[float, int]:
+    """Mean next-token loss over every labelled token (token-weighted, unlike a mean of batch means),
+    and the number of those tokens."""
+    import torch
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]  # (batch, seq-1): token t is predicted at position t-1
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+            total += float(nll)
+            count += int((labels != -100).sum())
+    model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+def corpus_lines(path: str, limit: int) -> list[str]:
+    from core.errors import DataError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("=")]  # WikiText headings
+    except FileNotFoundError:
+        raise DataError(path, "forgetting corpus not found (eval.forgetting_corpus)") from None
+    return lines[:limit]
+
+
+def corpus_perplexity(model, tokenizer, path: str, max_tokens: int = 8192, window: int = 256) -> dict[str, Any]:
+    """Perplexity of a causal LM on the first `max_tokens` tokens of a general text, in windows."""
+    import math
+
+    ids: list[int] = []
+    for line in corpus_lines(path, 100_000):
+        ids.extend(tokenizer(line + "\n", add_special_tokens=False)["input_ids"])
+        if len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens]
+    rows = [{"input_ids": ids[i:i + window], "attention_mask": [1] * len(ids[i:i + window]), "labels": ids[i:i + window]}
+            for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
+    from transformers import DataCollatorForSeq2Seq
+
+    loss, tokens = language_model_loss(model, rows, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True), 8)
+    return {"perplexity": math.exp(loss), "tokens": tokens}
+
+
+def sentence_embeddings(model, tokenizer, lines: list[str], batch_size: int = 32):
+    """Mean-pooled last hidden states of the pretrained body, one unit vector per line."""
+    import torch
+
+    body = getattr(model, "base_model", model)
+    out = []
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(lines), batch_size):
+            enc = tokenizer(lines[start:start + batch_size], truncation=True, max_length=128, padding=True, return_tensors="pt")
+            hidden = body(**enc).last_hidden_state  # (batch, seq, H)
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+    model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def generation_scores(generated: list[str], references: list[str], metrics: tuple[str, ...]) -> dict[str, float]:
+    """ROUGE (rouge-score) and chrF / BLEU (sacrebleu) of generated texts against references."""
+    out: dict[str, float] = {}
+    if "rouge" in metrics:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+        scores = [scorer.score(ref, gen) for gen, ref in zip(generated, references)]
+        for key in ("rouge1", "rouge2", "rougeL"):
+            out[key] = 100.0 * sum(s[key].fmeasure for s in scores) / len(scores)
+    if "chrf" in metrics or "bleu" in metrics:
+        import sacrebleu
+
+        if "chrf" in metrics:
+            out["chrf"] = float(sacrebleu.corpus_chrf(generated, [references]).score)
+        if "bleu" in metrics:
+            out["bleu"] = float(sacrebleu.corpus_bleu(generated, [references]).score)
+    return out

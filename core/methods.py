@@ -58,8 +58,7 @@ def apply_method(model: nn.Module, partition: Partition, cfg: MethodConfig, sele
     `selected`: the group names a selection chose (methods camel and random_groups)."""
     anatomy = inspect_model(model)
     head = set(anatomy.head)
-    if not head and cfg.name != "full":
-        raise ConfigError("model.name", "this model has no task head to train")
+    # A causal LM has no new head (its LM head is pretrained, often tied to the embeddings): fine.
     total = sum(p.numel() for p in model.parameters())
     group_of = partition.group_of()
     head_groups = sorted({group_of[n] for n in head})
@@ -98,6 +97,8 @@ def apply_method(model: nn.Module, partition: Partition, cfg: MethodConfig, sele
         param.requires_grad_(name in train)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mask = None
+    if trainable == 0 and not (cfg.name in ("groups", "camel", "random_groups") and slices):
+        raise ConfigError("method.name", f"method {cfg.name!r} trains nothing on this model (it has no new task head)")
     if cfg.name in ("groups", "camel", "random_groups") and slices:
         from core.experts import SliceMask, slice_masks
 

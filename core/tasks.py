@@ -29,11 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import (
+    DataCollatorForSeq2Seq,
     DataCollatorForTokenClassification,
     DataCollatorWithPadding,
     PreTrainedTokenizerBase,
 )
 
+from core.errors import CamelError
 from core.evaluate import (
     classification_metrics,
     classification_scalars,
@@ -244,7 +246,136 @@ def _split_span_logits(logits: Any) -> tuple[np.ndarray, np.ndarray]:
     return logits[..., 0], logits[..., 1]
 
 
-TASKS = {"classification": ClassificationTask, "ner": NerTask, "qa": QaTask}
+# Used when a tokenizer has no chat template of its own (ChatML, as SmolLM2 and many others use).
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+class DialogueTask:
+    """Causal-LM tuning on conversations: the model's chat template, loss on assistant turns only.
+
+    Each assistant turn's tokens (its text and end-of-turn marker) are labels; system and user turns
+    and the template's own markup are -100, ignored by the loss. A conversation longer than
+    `max_length` tokens is cut at the end; one left with no assistant token is dropped (counted)."""
+
+    name = "dialogue"
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, labels: list[str], max_length: int, stride: int = 0,
+                 max_new_tokens: int = 128, generation_samples: int = 8, generation_metrics: tuple[str, ...] = ()):
+        self.tokenizer, self.labels, self.max_length = tokenizer, labels, max_length
+        self.max_new_tokens, self.generation_samples = max_new_tokens, generation_samples
+        self.generation_metrics = tuple(generation_metrics)
+        if not tokenizer.chat_template:
+            tokenizer.chat_template = CHATML
+        self.dropped = 0
+
+    def render(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """Token ids of a conversation and its labels (-100 outside assistant turns)."""
+        tok = self.tokenizer
+
+        def ids(msgs: list[dict], prompt: bool = False) -> list[int]:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        full = ids(messages)
+        labels = [-100] * len(full)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, upto = ids(messages[:i], prompt=True), ids(messages[: i + 1])
+            if full[: len(upto)] != upto or upto[: len(before)] != before:
+                raise CamelError("this tokenizer's chat template does not render a conversation as a prefix of its "
+                                 "continuation, so prompt tokens cannot be masked reliably")
+            labels[len(before): len(upto)] = upto[len(before):]
+        return full, labels
+
+    def encode(self, examples: list[dict]) -> Encoded:
+        cols: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+        kept = []
+        for i, ex in enumerate(examples):
+            ids, labels = self.render(ex["messages"])
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if all(lab == -100 for lab in labels[1:]):
+                continue  # nothing left to learn from: the response was cut away
+            cols["input_ids"].append(ids)
+            cols["attention_mask"].append([1] * len(ids))
+            cols["labels"].append(labels)
+            kept.append(i)
+        self.dropped = len(examples) - len(kept)
+        return Encoded(datasets.Dataset.from_dict(cols), kept)
+
+    def collator(self):
+        return DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100, padding=True)
+
+    def evaluate(self, model: nn.Module, examples: list[dict], enc: Encoded, batch_size: int = 16) -> tuple[dict, list]:
+        """Response loss and perplexity (token-weighted), plus generated answers to a fixed sample."""
+        from core.evaluate import generation_scores, language_model_loss
+
+        loss, tokens = language_model_loss(model, [enc.dataset[i] for i in range(len(enc.dataset))], self.collator(), batch_size)
+        samples = []
+        for ex in examples[: self.generation_samples]:
+            prompt = ex["messages"][:-1]
+            reply = "".join(generate_reply(model, self.tokenizer, prompt, max_new_tokens=self.max_new_tokens, temperature=0.0))
+            samples.append({"prompt": prompt[-1]["content"], "reference": ex["messages"][-1]["content"], "generated": reply})
+        metrics = {"loss": loss, "perplexity": float(np.exp(loss)), "response_tokens": tokens, "n": len(enc.sample_of),
+                   "dropped_too_long": self.dropped, "samples": samples}
+        if self.generation_metrics and samples:
+            metrics["generation"] = generation_scores([s["generated"] for s in samples], [s["reference"] for s in samples],
+                                                      self.generation_metrics)
+        return metrics, samples
+
+
+def generate_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_new_tokens: int = 256,
+                   temperature: float = 0.7, top_p: float = 0.9):
+    """Stream the assistant's reply to a chat history, piece by piece (a generator of text chunks).
+
+    Stops at the end-of-turn token (or end of sequence); temperature 0 decodes greedily."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(next(model.parameters()).device)
+    stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+            if isinstance(t, int) and t != tokenizer.unk_token_id]
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    kwargs = {**inputs, "max_new_tokens": max_new_tokens, "eos_token_id": stop or None, "streamer": streamer,
+              "pad_token_id": tokenizer.pad_token_id, **sampling}
+    was_training = model.training
+    model.eval()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(**kwargs)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread below)
+            errors.append(e)
+            streamer.end()
+
+    thread = Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield from streamer
+    finally:
+        thread.join()
+        model.train(was_training)
+    if errors:
+        raise errors[0]
+
+
+TASKS = {"classification": ClassificationTask, "ner": NerTask, "qa": QaTask, "dialogue": DialogueTask}
+
+
+def evaluate_task(task: Any, model: nn.Module, examples: list[dict], enc: Encoded, batch_size: int = 64) -> tuple[dict, list]:
+    """Metrics and per-example predictions of `model` on `examples` (encoded as `enc`)."""
+    if hasattr(task, "evaluate"):
+        return task.evaluate(model, examples, enc, batch_size)
+    predictions = task.predict(examples, enc, predict_logits(model, task, enc, batch_size))
+    return task.metrics(examples, predictions), predictions
 
 
 def make_task(name: str, tokenizer: PreTrainedTokenizerBase, labels: list[str], max_length: int, stride: int,
@@ -252,9 +383,12 @@ def make_task(name: str, tokenizer: PreTrainedTokenizerBase, labels: list[str], 
     return TASKS[name](tokenizer, labels, max_length, stride, **options)
 
 
-def task_for(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, labels: list[str]):
-    """The task object a DataConfig describes."""
-    options = {"max_answer_length": data_cfg.max_answer_length} if data_cfg.task == "qa" else {}
+def task_for(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, labels: list[str], eval_cfg: Any = None):
+    """The task object a DataConfig (and, for dialogue, an EvalConfig) describes."""
+    options: dict[str, Any] = {"max_answer_length": data_cfg.max_answer_length} if data_cfg.task == "qa" else {}
+    if data_cfg.task == "dialogue" and eval_cfg is not None:
+        options = {"max_new_tokens": eval_cfg.max_new_tokens, "generation_samples": eval_cfg.generation_samples,
+                   "generation_metrics": tuple(eval_cfg.generation_metrics)}
     return make_task(data_cfg.task, tokenizer, labels, data_cfg.max_length, data_cfg.stride, **options)
 
 

@@ -36,13 +36,14 @@ from core.config import RunConfig
 from core.data import TaskData, label_counts, load_task_data
 from core.delta import DELTA_FILE, load_run_model, save_delta
 from core.errors import RunError
+from core.evaluate import corpus_lines, corpus_perplexity, sentence_embeddings
 from core.groups import Partition, partition
 from core.methods import Plan, apply_method
 from core.models import load_task_model, load_tokenizer
 from core.runs import Run, create_run, open_run
 from core.scoring import score_groups
 from core.select import Selection, measure_complexity, select_groups, select_random
-from core.tasks import predict_logits, prediction_records, task_for
+from core.tasks import evaluate_task, prediction_records, task_for
 
 # Checkpoint saves warn that a CPU model's layers "were not sharded" (tensor parallelism): noise here.
 logging.getLogger("transformers.distributed.tensor_parallel").setLevel(logging.ERROR)
@@ -80,7 +81,7 @@ def prepare(config: RunConfig, saved_selection: list[str] | None = None) -> Prep
         parent_labels = open_run(config.init_from, config.runs_dir).labels()
     data = load_task_data(config.data, seed=config.train.seed, labels=parent_labels)
     tokenizer = load_tokenizer(config.model)
-    task = task_for(config.data, tokenizer, data.labels)
+    task = task_for(config.data, tokenizer, data.labels, config.eval)
     if config.init_from:
         model = load_run_model(open_run(config.init_from, config.runs_dir), merge=True)
         model.train()
@@ -95,7 +96,8 @@ def prepare(config: RunConfig, saved_selection: list[str] | None = None) -> Prep
     if saved_selection is not None:
         chosen = saved_selection
     elif m.name == "camel":
-        scores = score_groups(model, part, batches, m.scorer, seed=config.train.seed)
+        scores = score_groups(model, part, batches, m.scorer, seed=config.train.seed,
+                              probe=config.data.task in ("classification", "ner"))
         mean_length = float(np.mean([float(b["attention_mask"].sum(1).float().mean()) for b in batches]))
         complexity = measure_complexity(data.labels or [f"position {i}" for i in range(config.data.max_length)],
                                         label_counts(config.data.task, data.train), len(data.train),
@@ -206,6 +208,7 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
 
     train_enc = task.encode(data.train)
     val_enc = task.encode(data.validation)
+    forgetting_before = measure_forgetting(config, model, task) if config.eval.forgetting_corpus else None
     t = config.train
     steps_per_epoch = math.ceil(len(train_enc.dataset) / (t.batch_size * t.grad_accum))
     args = TrainingArguments(
@@ -236,6 +239,7 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         label_names=["start_positions", "end_positions"] if task.name == "qa" else ["labels"],
+        prediction_loss_only=task.name == "dialogue",
     )
 
     def compute_metrics(p) -> dict[str, float]:
@@ -244,6 +248,7 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
             logits = logits[0]
         return task.metrics(data.validation, task.predict(data.validation, val_enc, logits), full=False)
 
+    generative = task.name == "dialogue"  # evaluated by loss during training: no logits to keep
     callbacks: list[TrainerCallback] = [RunLogger(run)]
     if plan.slice_mask is not None:
         callbacks.append(SliceRestore(plan.slice_mask))
@@ -256,7 +261,7 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
         train_dataset=train_enc.dataset,
         eval_dataset=val_enc.dataset,
         processing_class=task.tokenizer,
-        compute_metrics=compute_metrics,
+        compute_metrics=None if generative else compute_metrics,
         callbacks=callbacks,
     )
     params = dict(model.named_parameters())
@@ -278,9 +283,11 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
     for split, examples in (("validation", data.validation), ("test", data.test)):
         if examples:
             enc = val_enc if split == "validation" else task.encode(examples)
-            preds = task.predict(examples, enc, predict_logits(model, task, enc, t.eval_batch_size))
-            report[split] = task.metrics(examples, preds)
-            run.write_jsonl(f"predictions/{split}.jsonl", prediction_records(examples, preds))
+            report[split], preds = evaluate_task(task, model, examples, enc, t.eval_batch_size)
+            kept = [examples[i] for i in enc.sample_of] if generative else examples
+            run.write_jsonl(f"predictions/{split}.jsonl", prediction_records(kept, preds))
+    if forgetting_before is not None:
+        report["forgetting"] = compare_forgetting(forgetting_before, measure_forgetting(config, model, task))
     delta_bytes = save_delta(model, run, plan.method)
     epochs_done = float(trainer.state.epoch or 0.0)
     report["training"] = {
@@ -302,6 +309,8 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
     if scoring is not None and report["training"]["seconds_per_epoch"]:
         report["selection"]["scoring_fraction_of_epoch"] = round(scoring / report["training"]["seconds_per_epoch"], 4)
     headline = {config.metric: report["validation"].get(config.metric)}
+    if generative:
+        headline["perplexity"] = report["validation"]["perplexity"]
     if data.test:
         headline[f"test_{config.metric}"] = report["test"].get(config.metric)
     report["headline"] = headline
@@ -310,6 +319,27 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
     run.set_status("completed", headline=headline, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    delta=DELTA_FILE, **{k: report["training"][k] for k in ("train_seconds", "peak_rss_mb", "delta_bytes")})
     return RunResult(run, model, report)
+
+
+def measure_forgetting(config: RunConfig, model: nn.Module, task: Any) -> dict[str, Any]:
+    """What the model knows of general text: perplexity (causal LM) or sentence embeddings (encoders)."""
+    corpus = config.eval.forgetting_corpus
+    if task.name == "dialogue":
+        return {"corpus": corpus, **corpus_perplexity(model, task.tokenizer, corpus, config.eval.forgetting_tokens)}
+    lines = corpus_lines(corpus, config.eval.forgetting_lines)
+    return {"corpus": corpus, "lines": len(lines), "embeddings": sentence_embeddings(model, task.tokenizer, lines)}
+
+
+def compare_forgetting(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Causal LM: perplexity before and after tuning. Encoders: mean cosine similarity between each
+    line's base and tuned sentence embedding (1.0: the body represents general text as before)."""
+    if "perplexity" in before:
+        return {"measure": "perplexity", "corpus": before["corpus"], "tokens": before["tokens"],
+                "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
+                "increase": after["perplexity"] - before["perplexity"]}
+    cosine = (before["embeddings"] * after["embeddings"]).sum(-1)
+    return {"measure": "embedding_cosine", "corpus": before["corpus"], "lines": before["lines"],
+            "mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min())}
 
 
 def peak_rss_mb() -> float:

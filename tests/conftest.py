@@ -93,3 +93,32 @@ def ner_conll(tmp_path) -> Path:
         blocks.append("\n".join(f"{w} X X {t}" for w, t in zip(toks, tags, strict=False)) + "\n")
     path.write_text("\n".join(blocks), encoding="utf-8")
     return path
+
+
+CHAT_WORDS = ("hi hello how can i help you cancel my order please your is done thanks bye refund the a "
+              "summarise translate this text short cat sat on mat le chat").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 32) with a word-level tokenizer that has ChatML special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {w: i for i, w in enumerate([*specials, "system", "user", "assistant", "\n", *CHAT_WORDS, ".", ",", "?", "!"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
+                                  bos_token="<|im_start|>", additional_special_tokens=["<|im_start|>"])
+    from core.tasks import CHATML
+
+    tok.chat_template = CHATML
+    tok.save_pretrained(folder)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, pad_token_id=0, eos_token_id=3, bos_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
