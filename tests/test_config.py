@@ -25,7 +25,7 @@ def test_config_round_trips(tmp_path, suffix):
         ({"train": {"epochs": "three"}}, r"'train.epochs': expected a number"),
         ({"train": {"batch_size": 0}}, r"'train.batch_size': must be > 0"),
         ({"train": {"batch_size": True}}, r"'train.batch_size': expected an integer"),
-        ({"data": {"task": "qa"}}, r"'data.task': 'qa' is not one of"),
+        ({"data": {"task": "summarise"}}, r"'data.task': 'summarise' is not one of"),
         ({"method": {"name": "groups", "select": []}}, r"'method.select': method 'groups' needs"),
         ({"data": {"validation_fraction": 1.5}}, r"'data.validation_fraction': must be in \[0, 1\)"),
         ({"run_id": "../etc"}, r"'run_id': '../etc' is not a valid run id"),
