@@ -239,6 +239,18 @@ class QaTask:
         return qa_metrics([p["answer"] for p in predictions], [[a["text"] for a in ex["answers"]] for ex in examples])
 
 
+def answer_question(model: nn.Module, tokenizer: PreTrainedTokenizerBase, question: str, context: str,
+                    max_length: int = 384, stride: int = 128, max_answer_length: int = 30) -> dict[str, Any]:
+    """Answer a question from a context with a QA model: {"answer", "start", "end", "score"}
+    (character offsets into `context`; long contexts are windowed as in training)."""
+    if not question.strip() or not context.strip():
+        raise CamelError("a question and a context are both needed")
+    task = QaTask(tokenizer, [], max_length, stride, max_answer_length)
+    examples = [{"question": question.strip(), "context": context, "answers": []}]
+    enc = task.encode(examples)
+    return task.predict(examples, enc, predict_logits(model, task, enc))[0]
+
+
 def _split_span_logits(logits: Any) -> tuple[np.ndarray, np.ndarray]:
     """(start, end) logits from Trainer's tuple, or from predict_logits' stacked (features, len, 2)."""
     if isinstance(logits, (tuple, list)):

@@ -112,6 +112,12 @@ def test_qa_run_end_to_end_reports_em_f1_and_predictions(tiny_bert, tmp_path, me
     result = train(config, progress=False)
     report = result.report
     assert {"exact_match", "f1", "n"} <= set(report["validation"]) and report["headline"]["f1"] == report["validation"]["f1"]
+    from core.tasks import answer_question
+
+    answer = answer_question(result.model, AutoTokenizer.from_pretrained(tiny_bert), "where did mary go", CONTEXT, max_length=24, stride=8)
+    assert CONTEXT[answer["start"]:answer["end"]] == answer["answer"] and answer["answer"]
+    with pytest.raises(Exception, match="question and a context"):
+        answer_question(result.model, AutoTokenizer.from_pretrained(tiny_bert), " ", CONTEXT)
     preds = result.run.file("predictions/validation.jsonl").read_text().splitlines()
     first = json.loads(preds[0])
     assert {"id", "question", "answers", "predicted"} <= set(first) and "answer" in first["predicted"]
