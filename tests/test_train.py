@@ -169,3 +169,16 @@ def test_ner_long_sentences_are_split_into_windows_and_reassembled(tiny_bert):
     predictions = task.predict(examples, enc, logits)
     assert [p["tags"] for p in predictions] == [ex["tags"] for ex in examples]
     assert task.metrics(examples, predictions)["entity_f1"] == 1.0
+
+
+def test_encoder_forgetting_is_measured_as_embedding_retention(tiny_bert, sentiment_csv, tmp_path):
+    corpus = tmp_path / "general.txt"
+    corpus.write_text("= title =\n" + "\n".join(f"the film was {w} and very good" for w in ("fine", "sad", "great") * 5), encoding="utf-8")
+    config = make_config(tiny_bert, sentiment_csv, tmp_path, method="full")
+    config.eval.forgetting_corpus = str(corpus)
+    forgetting = train(config, progress=False).report["forgetting"]
+    assert forgetting["measure"] == "embedding_cosine" and forgetting["lines"] == 15
+    assert 0.0 < forgetting["mean_cosine"] < 1.0  # full tuning at lr 1e-2 moved the body
+    head_only = make_config(tiny_bert, sentiment_csv, tmp_path, method="head")
+    head_only.eval.forgetting_corpus = str(corpus)
+    assert train(head_only, progress=False).report["forgetting"]["mean_cosine"] == pytest.approx(1.0)
