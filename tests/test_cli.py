@@ -74,3 +74,25 @@ def test_print_config_shows_the_resolved_config(capsys):
     assert main(["train", "--train", "d.csv", "--method", "lora", "--lora-targets", "query,key", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["method"]["lora_targets"] == ["query", "key"] and cfg["data"]["train"] == "d.csv"
+
+
+def test_score_prints_complexity_and_selection(tiny_bert, sentiment_csv, capsys):
+    assert main(["score", "--model", str(tiny_bert), "--train", str(sentiment_csv), "--experts", "4", "--score-batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "task complexity" in out and "linear probe accuracy" in out and "selection: rule auto" in out
+    assert "layer.1.expert.3" in out and "task head: always trained" in out
+
+
+def test_eval_of_a_qa_run_on_another_file(tiny_bert, tmp_path, capsys):
+    import json as _json
+
+    ctx = "john visited paris . the movie was good ."
+    rows = [{"question": f"where did john go {i}", "context": ctx, "answer": "paris", "answer_start": 13} for i in range(12)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(map(_json.dumps, rows)), encoding="utf-8")
+    runs = str(tmp_path / "runs")
+    assert main(["train", "--task", "qa", "--train", str(data), "--model", str(tiny_bert), "--method", "full", "--epochs", "1",
+                 "--runs-dir", runs, "--run-id", "qa", "--no-progress", "--max-length", "32", "--stride", "8"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "qa", "--data", str(data), "--runs-dir", runs]) == 0
+    assert "exact_match" in capsys.readouterr().out
