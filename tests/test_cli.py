@@ -86,8 +86,8 @@ def test_score_prints_complexity_and_selection(tiny_bert, sentiment_csv, capsys)
 def test_eval_of_a_qa_run_on_another_file(tiny_bert, tmp_path, capsys):
     import json as _json
 
-    ctx = "john visited paris . the movie was good ."
-    rows = [{"question": f"where did john go {i}", "context": ctx, "answer": "paris", "answer_start": 13} for i in range(12)]
+    rows = [{"question": "where did john go", "context": f"john visited paris . the movie was {w} .", "answer": "paris",
+             "answer_start": 13} for w in ("good", "bad", "fine", "sad") * 3]
     data = tmp_path / "qa.jsonl"
     data.write_text("\n".join(map(_json.dumps, rows)), encoding="utf-8")
     runs = str(tmp_path / "runs")
