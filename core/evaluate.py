@@ -73,11 +73,13 @@ def format_report(section: dict[str, Any]) -> str:
     from core.groups import format_table
 
     report = section.get("entity_report") or section.get("report") or {}
+    scalars = [f"{k} {v:.4f}" for k, v in section.items() if isinstance(v, float)]
+    if not report:  # QA, dialogue: no per-label table
+        return "  ".join(scalars)
     rows = [("label", "precision", "recall", "f1", "support")]
     for label, m in report.items():
         if isinstance(m, dict):
             rows.append((label, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1-score']:.4f}", str(int(m["support"]))))
-    scalars = [f"{k} {v:.4f}" for k, v in section.items() if isinstance(v, float)]
     return format_table(rows) + "\n" + "  ".join(scalars)
 
 

@@ -286,11 +286,13 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
         report["forgetting"] = compare_forgetting(forgetting_before, measure_forgetting(config, model, task))
     delta_bytes = save_delta(model, run, plan.method)
     epochs_done = float(trainer.state.epoch or 0.0)
+    train_tokens = sum(len(ids) for ids in train_enc.dataset["input_ids"]) * epochs_done  # real tokens, no padding
     report["training"] = {
         "train_seconds": round(train_seconds, 2),
         "seconds_per_epoch": round(train_seconds / epochs_done, 2) if epochs_done else None,
         "epochs": round(epochs_done, 3),
         "steps": trainer.state.global_step,
+        "tokens_per_second": round(train_tokens / train_seconds, 1) if train_seconds else None,
         "train_loss": output.training_loss,
         "best_checkpoint_metric": trainer.state.best_metric,
         "learning_rate": config.learning_rate,
