@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         runs_dir = ROOT / "bench" / "runs" / profile
         results = {"profile": profile, "machine": machine(), "rows": []}
+        if results_path.is_file():  # a partial rerun replaces its own rows and keeps the others
+            previous = json.loads(results_path.read_text())
+            chosen = {(t, m) for t in args.tasks.split(",") for m in args.methods.split(",")}
+            results["rows"] = [r for r in previous["rows"] if (r["task"], r["method"]) not in chosen]
         for task in args.tasks.split(","):
             methods = [m for m in args.methods.split(",") if m in TASKS[task].get("methods", METHODS)]
             for method in methods:
@@ -163,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["rows"].append(row)
                 print(f"{task:9s} {method:14s} {row['metric']} {row['value']:.4f}  trained {row['trainable_pct']:.2f} %  "
                       f"{row['seconds_per_epoch']:.1f} s/epoch  {row['peak_rss_mb']:.0f} MB", flush=True)
+        order = {t: i for i, t in enumerate(TASKS)}
+        results["rows"].sort(key=lambda r: (order.get(r["task"], 99), METHODS.index(r["method"]) if r["method"] in METHODS else 99))
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
     results = json.loads(results_path.read_text())

@@ -206,7 +206,8 @@ def sentence_embeddings(model, tokenizer, lines: list[str], batch_size: int = 32
     """Mean-pooled last hidden states of the pretrained body, one unit vector per line."""
     import torch
 
-    body = getattr(model, "base_model", model)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap peft
+    body = getattr(inner, getattr(inner, "base_model_prefix", ""), inner)
     out = []
     was_training = model.training
     model.eval()

@@ -182,3 +182,6 @@ def test_encoder_forgetting_is_measured_as_embedding_retention(tiny_bert, sentim
     head_only = make_config(tiny_bert, sentiment_csv, tmp_path, method="head")
     head_only.eval.forgetting_corpus = str(corpus)
     assert train(head_only, progress=False).report["forgetting"]["mean_cosine"] == pytest.approx(1.0)
+    lora = make_config(tiny_bert, sentiment_csv, tmp_path, method="lora")  # a peft-wrapped body
+    lora.eval.forgetting_corpus = str(corpus)
+    assert 0.0 < train(lora, progress=False).report["forgetting"]["mean_cosine"] <= 1.0
