@@ -139,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         runs_dir = ROOT / "bench" / "runs" / profile
         results = {"profile": profile, "machine": machine(), "rows": []}
-        if results_path.is_file():  # a partial rerun replaces its own rows and keeps the others
+        partial = args.tasks != ",".join(TASKS) or args.methods != ",".join(METHODS)
+        if partial and results_path.is_file():  # a partial rerun replaces its own rows and keeps the others
             previous = json.loads(results_path.read_text())
             chosen = {(t, m) for t in args.tasks.split(",") for m in args.methods.split(",")}
             results["rows"] = [r for r in previous["rows"] if (r["task"], r["method"]) not in chosen]
+            results["reruns"] = [*previous.get("reruns", []), {"tasks": args.tasks, "methods": args.methods, "machine": results["machine"]}]
+            results["machine"] = previous["machine"]
         for task in args.tasks.split(","):
             methods = [m for m in args.methods.split(",") if m in TASKS[task].get("methods", METHODS)]
             for method in methods:
@@ -190,6 +193,11 @@ def write_docs(results: dict) -> None:
         "s/epoch includes the per-epoch evaluation. Forgetting: WikiText-2 perplexity increase for the causal LM,",
         "1 - mean cosine similarity of base and tuned sentence embeddings of WikiText-2 lines for the encoders.",
         "",
+        "The quick profile trains on small subsets for one or two epochs (see TASKS in bench/run.py): methods with",
+        "low default learning rates (full at 5e-5) or few parameters (LoRA, BitFit, head) are far from converged there,",
+        "so its ratios say how methods behave with little data and compute, not where they end up. Targets of",
+        "issue 5 are to be read off the full profile.",
+        "",
     ]
     for task in dict.fromkeys(r["task"] for r in rows):
         task_rows = [r for r in rows if r["task"] == task]
@@ -209,6 +217,9 @@ def write_docs(results: dict) -> None:
                          f"{r['delta_mb']:.1f} | {'' if forgetting is None else f'{forgetting:.4f}'} | "
                          f"{'' if scoring is None else f'{100 * scoring:.1f}'} |")
         lines.append("")
+    for rerun in results.get("reruns", []):
+        lines += [f"Rerun separately on {rerun['machine']['date']} (matmul {rerun['machine']['matmul_gflops']} GFLOP/s): "
+                  f"tasks {rerun['tasks']}, methods {rerun['methods']}.", ""]
     failed = [r for r in results["rows"] if "error" in r]
     if failed:
         lines += ["## Runs that failed", ""] + [f"- {r['task']} {r['method']}: {r['error']}" for r in failed] + [""]
