@@ -331,20 +331,14 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(path, f"expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(path, f"expected an integer, got {value!r}")
+    if hint in (int, float):
+        kind = "an integer" if hint is int else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (hint is int and isinstance(value, float)):
+            raise ConfigError(path, f"expected {kind}, got {value!r}")
         try:
-            return int(value)
+            return hint(value)
         except ValueError:
-            raise ConfigError(path, f"expected an integer, got {value!r}") from None
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(path, f"expected a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(path, f"expected a number, got {value!r}") from None
+            raise ConfigError(path, f"expected {kind}, got {value!r}") from None
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. a CoNLL column index given as a number

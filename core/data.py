@@ -330,25 +330,28 @@ def _first_line(path: Path) -> str:
     return ""
 
 
+def _pick_column(path: Path, columns: list[str], wanted: str | None, candidates: tuple[str, ...], role: str,
+                 field_name: str, fallback: str | None = None, hint: str = "") -> str:
+    """The column for `role`: as configured (it must exist), else the first common name present
+    (case-insensitive), else `fallback`; an error naming the columns and the field to set."""
+    if wanted is not None:
+        if wanted not in columns:
+            raise DataError(path, f"{role} column {wanted!r} (data.{field_name}) not found; columns are: {', '.join(columns)}")
+        return wanted
+    lower = {c.lower(): c for c in columns}
+    for cand in candidates:
+        if cand in lower:
+            return lower[cand]
+    if fallback is not None:
+        return fallback
+    raise DataError(path, f"{hint}cannot tell which column is the {role}; columns are: {', '.join(columns)}. Set data.{field_name}")
+
+
 def _pick_columns(path: Path, columns: list[str], cfg: DataConfig) -> tuple[str, str]:
-    """The text and label columns: as configured, or the first common name present."""
-
-    def pick(wanted: str | None, candidates: tuple[str, ...], role: str, cfg_field: str) -> str:
-        if wanted is not None:
-            if wanted not in columns:
-                raise DataError(path, f"{role} column {wanted!r} (data.{cfg_field}) not found; columns are: {', '.join(columns)}")
-            return wanted
-        lower = {c.lower(): c for c in columns}
-        for cand in candidates:
-            if cand in lower:
-                return lower[cand]
-        if len(columns) == 2:
-            return columns[0] if role == "text" else columns[1]
-        raise DataError(path, f"cannot tell which column is the {role}; columns are: {', '.join(columns)}. "
-                        f"Set data.{cfg_field}")
-
-    text_col = pick(cfg.text_column, TEXT_COLUMNS, "text", "text_column")
-    label_col = pick(cfg.label_column, LABEL_COLUMNS, "label", "label_column")
+    """Classification's text and label columns (with exactly two columns: text first, label second)."""
+    two = len(columns) == 2
+    text_col = _pick_column(path, columns, cfg.text_column, TEXT_COLUMNS, "text", "text_column", columns[0] if two else None)
+    label_col = _pick_column(path, columns, cfg.label_column, LABEL_COLUMNS, "label", "label_column", columns[1] if two else None)
     if text_col == label_col:
         raise DataError(path, f"text and label column are both {text_col!r}; set data.text_column / data.label_column")
     return text_col, label_col
@@ -593,26 +596,13 @@ def _read_qa(path: Path, text: str, fmt: str, cfg: DataConfig) -> list[dict]:
             raise DataError(path, f"not valid JSON: {e.msg}", line=e.lineno, column=e.colno) from None
         if isinstance(data, dict) and isinstance(data.get("data"), list) and data["data"] and "paragraphs" in data["data"][0]:
             return _read_squad(path, text, data)
-        records = list(_json_records(path, text, fmt))
-    elif fmt == "jsonl":
-        records = list(_json_records(path, text, fmt))
-    elif fmt in ("csv", "tsv"):
-        records = _delimited_records(path, text, fmt)
-    else:
-        raise DataError(path, f"format {fmt!r} is not supported for QA; use json (SQuAD), jsonl, csv or tsv")
+    records = _records(path, text, fmt, "QA")
     if not records:
         return []
     keys = _record_keys(records)
 
     def pick(wanted: str | None, candidates: tuple[str, ...], role: str, field_name: str) -> str:
-        if wanted is not None:
-            if wanted not in keys:
-                raise DataError(path, f"{role} column {wanted!r} (data.{field_name}) not found; columns are: {', '.join(keys)}")
-            return wanted
-        for cand in candidates:
-            if cand in keys:
-                return cand
-        raise DataError(path, f"cannot tell which column is the {role}; columns are: {', '.join(keys)}. Set data.{field_name}")
+        return _pick_column(path, keys, wanted, candidates, role, field_name)
 
     qk = pick(cfg.question_column, QUESTION_COLUMNS, "question", "question_column")
     ck = pick(cfg.context_column, CONTEXT_COLUMNS, "context", "context_column")
@@ -682,6 +672,15 @@ def _qa_example(path: Path, line: int | None, qid: str, title: str | None, quest
 
 
 # ---- dialogue -----------------------------------------------------------------------------------
+def _records(path: Path, text: str, fmt: str, task_name: str) -> list[tuple[int, dict]]:
+    """(line, record) pairs of a JSON, JSONL, CSV or TSV file of records."""
+    if fmt in ("json", "jsonl"):
+        return list(_json_records(path, text, fmt))
+    if fmt in ("csv", "tsv"):
+        return _delimited_records(path, text, fmt)
+    raise DataError(path, f"format {fmt!r} is not supported for {task_name}; use json, jsonl, csv or tsv")
+
+
 def _delimited_records(path: Path, text: str, fmt: str) -> list[tuple[int, dict]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t")
     records, start = [], 2
@@ -697,27 +696,14 @@ def _delimited_records(path: Path, text: str, fmt: str) -> list[tuple[int, dict]
 
 
 def _read_dialogue(path: Path, text: str, fmt: str, cfg: DataConfig) -> list[dict]:
-    if fmt in ("json", "jsonl"):
-        records = list(_json_records(path, text, fmt))
-    elif fmt in ("csv", "tsv"):
-        records = _delimited_records(path, text, fmt)
-    else:
-        raise DataError(path, f"format {fmt!r} is not supported for dialogue; use jsonl, json, csv or tsv")
+    records = _records(path, text, fmt, "dialogue")
     if not records:
         return []
     keys = _record_keys(records)
     message_key = next((k for k in MESSAGE_KEYS if k in keys), None)
     if message_key is None:
         def pick(wanted: str | None, candidates: tuple[str, ...], role: str, field_name: str) -> str:
-            if wanted is not None:
-                if wanted not in keys:
-                    raise DataError(path, f"{role} column {wanted!r} (data.{field_name}) not found; columns are: {', '.join(keys)}")
-                return wanted
-            for cand in candidates:
-                if cand in keys:
-                    return cand
-            raise DataError(path, f"no 'messages' list and cannot tell which column is the {role}; columns are: "
-                            f"{', '.join(keys)}. Set data.{field_name}")
+            return _pick_column(path, keys, wanted, candidates, role, field_name, hint="no 'messages' list and ")
 
         pk = pick(cfg.prompt_column, PROMPT_COLUMNS, "prompt", "prompt_column")
         rk = pick(cfg.response_column, RESPONSE_COLUMNS, "response", "response_column")
