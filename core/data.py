@@ -184,7 +184,7 @@ def detect_format(path: Path, cfg: DataConfig) -> str:
         first = _first_line(path)
         if "@" in first:
             return "at"
-    raise DataError(path, "cannot tell the format from the name; pass format (one of csv, tsv, json, jsonl, conll, at)")
+    raise DataError(path, "cannot tell the format from the name; set data.format (--format): csv, tsv, json, jsonl, conll or at")
 
 
 def read_text(path: Path, encoding: str) -> str:

@@ -34,7 +34,7 @@ from transformers.trainer_callback import PrinterCallback
 from core.config import RunConfig
 from core.data import TaskData, label_counts, load_task_data
 from core.delta import DELTA_FILE, load_run_model, save_delta
-from core.errors import RunError
+from core.errors import ConfigError, RunError
 from core.evaluate import corpus_lines, corpus_perplexity, sentence_embeddings
 from core.groups import Partition, partition
 from core.methods import Plan, apply_method
@@ -141,6 +141,8 @@ def _random_target(config: RunConfig, part: Partition) -> int:
 def train(config: RunConfig, progress: bool = True) -> RunResult:
     """Train a new run described by `config`; returns the run, the tuned model and its report."""
     config.validate()
+    if not config.data.train:
+        raise ConfigError("data.train", "no training data given")
     config.resolve()  # resolve defaults so the saved config re-runs as is
     if config.init_from:
         inherit_parent(config)

@@ -62,12 +62,14 @@ def test_train_eval_and_runs(tiny_bert, sentiment_csv, tmp_path, capsys):
         (["eval", "nope", "--data", "x.csv"], "error: no run 'nope'"),
         (["train", "--config", "missing.yaml"], "error: config field 'config': file not found"),
         (["groups", "--model", "/no/such/folder"], "error: --model (model.name): model folder not found"),
+        (["train"], "error: --train (data.train): no training data given"),
     ],
 )
 def test_bad_input_exits_2_with_a_located_message(tmp_path, capsys, argv, message):
     argv = [*argv, "--runs-dir", str(tmp_path)] if argv[0] in ("train", "eval") else argv
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # bad input leaves no half-made run behind
 
 
 def test_print_config_shows_the_resolved_config(capsys):
