@@ -27,6 +27,8 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_delta(model: nn.Module, run: Run, method: str) -> int:
     """Write the trained tensors of `model` to the run; return the file size in bytes."""
     state = trained_state(model)
+    if not run.writer:  # another process (rank 0) writes it
+        return sum(t.numel() * t.element_size() for t in state.values())
     atomic_write(run.file(DELTA_FILE), lambda tmp: save_file(state, tmp, metadata={"run_id": run.id, "method": method}))
     return run.file(DELTA_FILE).stat().st_size
 

@@ -57,11 +57,21 @@ def new_run_id(config: RunConfig) -> str:
     return f"{stamp}-{task}-{config.method.name}".replace("_", "-")
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun / accelerate (0 when training in one process)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 @dataclass
 class Run:
-    """Handle on one run folder."""
+    """Handle on one run folder. Under multi-process training only rank 0 writes (`writer`)."""
 
     path: Path
+    writer: bool = True
 
     @property
     def id(self) -> str:
@@ -72,7 +82,8 @@ class Run:
         return self.path / name
 
     def write_json(self, name: str, data: Any) -> None:
-        atomic_write_json(self.path / name, data)
+        if self.writer:
+            atomic_write_json(self.path / name, data)
 
     def read_json(self, name: str) -> Any:
         path = self.path / name
@@ -81,6 +92,9 @@ class Run:
         return read_json(path)
 
     def write_jsonl(self, name: str, records: list[dict]) -> None:
+        if not self.writer:
+            return
+
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
@@ -94,7 +108,8 @@ class Run:
         return self.read_json("labels.json")
 
     def log(self, record: dict) -> None:
-        append_jsonl(self.path / "metrics.jsonl", {"time": round(time.time(), 3), **record})
+        if self.writer:
+            append_jsonl(self.path / "metrics.jsonl", {"time": round(time.time(), 3), **record})
 
     def metrics(self) -> list[dict]:
         return read_jsonl(self.path / "metrics.jsonl")
@@ -112,6 +127,8 @@ class Run:
 
     def set_status(self, state: str, **fields: Any) -> dict:
         assert state in STATES, state
+        if not self.writer:
+            return {}
         path = self.path / "status.json"
         status = read_json(path) if path.is_file() else {"run_id": self.id, "created": _now()}
         status.update(fields)
@@ -128,15 +145,30 @@ class Run:
         return str(ckpts[-1]) if ckpts else None
 
     def remove_checkpoints(self) -> None:
-        shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
+        if self.writer:
+            shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
 
 
 def runs_root(config_or_dir: RunConfig | str | Path) -> Path:
     return Path(config_or_dir.runs_dir if isinstance(config_or_dir, RunConfig) else config_or_dir)
 
 
-def create_run(config: RunConfig) -> Run:
-    """Make the run folder (refusing to overwrite an existing run) and save the config."""
+def create_run(config: RunConfig, wait_seconds: float = 300.0) -> Run:
+    """Make the run folder (refusing to overwrite an existing run) and save the config.
+
+    Under multi-process training (torchrun) rank 0 makes the folder and the other ranks join it; they
+    need the same, explicit run id."""
+    if world_size() > 1:
+        if config.run_id is None:
+            raise ConfigError("run_id", "training in several processes needs an explicit run id, shared by all of them")
+        if process_rank() != 0:
+            path = runs_root(config) / check_run_id(config.run_id)
+            deadline = time.monotonic() + wait_seconds
+            while not (path / "config.json").is_file():
+                if time.monotonic() > deadline:
+                    raise RunError(f"rank {process_rank()}: rank 0 did not create run {config.run_id!r} in time")
+                time.sleep(0.2)
+            return Run(path, writer=False)
     run_id = check_run_id(config.run_id) if config.run_id is not None else new_run_id(config)
     root = runs_root(config)
     path = root / run_id
@@ -161,7 +193,7 @@ def open_run(run_id: str, runs_dir: str | Path = "runs") -> Run:
     path = Path(runs_dir) / run_id
     if not (path / "config.json").is_file():
         raise RunError(f"no run {run_id!r} in {runs_dir}")
-    return Run(path)
+    return Run(path, writer=process_rank() == 0)
 
 
 def list_runs(runs_dir: str | Path = "runs") -> list[dict]:

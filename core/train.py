@@ -186,7 +186,8 @@ def _run_guarded(run: Run, config: RunConfig, resume_from: str | None, progress:
         raise
     except BaseException as e:
         run.set_status("failed", error=f"{type(e).__name__}: {e}")
-        run.file("error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        if run.writer:
+            run.file("error.txt").write_text(traceback.format_exc(), encoding="utf-8")
         raise
     finally:
         restore()
@@ -236,6 +237,7 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # also what lets torchrun on CPUs train in parallel (gloo)
         label_names=["start_positions", "end_positions"] if task.name == "qa" else ["labels"],
         prediction_loss_only=task.name == "dialogue",
     )
