@@ -442,12 +442,4 @@ def _check_complete(model: nn.Module, part: Partition) -> None:
         raise AssertionError("group sizes do not add up to the model size")
 
 
-def trainable_names(model: nn.Module) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def count_params(model: nn.Module, only_trainable: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not only_trainable)
-
-
 __all__ = ["STRATEGIES", "ExpertGroup", "Partition", "partition", "preview", "preview_rules"]
