@@ -230,8 +230,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from core.train import prepare
 
     config = train_config(args)
-    if config.method.name not in ("camel",):
-        config.method.name = "camel"
+    config.method.name = "camel"  # `score` shows what camel would select
     prep = prepare(config)
     sel = prep.selection
     if args.json:

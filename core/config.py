@@ -213,6 +213,11 @@ class RunConfig:
         if d.validation_fraction + d.test_fraction >= 1.0:
             raise ConfigError("data.test_fraction", "validation_fraction + test_fraction must leave training data")
         _positive("data.max_length", d.max_length)
+        _positive("data.max_answer_length", d.max_answer_length)
+        for name in ("forgetting_tokens", "forgetting_lines", "max_new_tokens"):
+            _positive(f"eval.{name}", getattr(self.eval, name))
+        if self.eval.generation_samples < 0:
+            raise ConfigError("eval.generation_samples", f"must be >= 0, got {self.eval.generation_samples}")
         for name in self.eval.generation_metrics:
             _choice("eval.generation_metrics", name, ("rouge", "chrf", "bleu"))
         if not 0 <= d.stride < d.max_length // 2:

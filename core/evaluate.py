@@ -109,7 +109,6 @@ def evaluate_run(run, data_path: str, overrides: dict[str, Any] | None = None, n
     task = task_for(data_cfg, load_tokenizer(config.model), labels, config.eval)
     enc = task.encode(examples)
     metrics, predictions = evaluate_task(task, model, examples, enc, batch_size)
-    examples = [examples[i] for i in enc.sample_of] if data_cfg.task == "dialogue" else examples
     result = {"run_id": run.id, "data": str(data_path), "metric": config.metric, **metrics}
     name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data_path).stem).strip("-.") or "eval"
     run.write_json(f"eval/{name}.json", result)

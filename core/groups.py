@@ -230,9 +230,10 @@ def partition_ffn_clusters(model: nn.Module, config: FFNClustersConfig, calibrat
                      lambda name: _outer_group(name, anatomy, lambda i, r: role(i, r, name)), skip=sliced)
     # Keep block order: each block's experts follow its other groups.
     groups: list[ExpertGroup] = []
-    for g in rest.groups:
+    for i, g in enumerate(rest.groups):
         groups.append(g)
-        if g.layer is not None and not any(x.layer == g.layer for x in rest.groups[rest.groups.index(g) + 1:]):
+        last_of_block = i + 1 == len(rest.groups) or rest.groups[i + 1].layer != g.layer
+        if g.layer is not None and last_of_block:
             groups.extend(x for x in experts if x.layer == g.layer)
     return Partition("ffn_clusters", groups, rest.total_params)
 

@@ -66,6 +66,7 @@ def apply_method(model: nn.Module, partition: Partition, cfg: MethodConfig, sele
     if cfg.name == "lora":
         return _apply_lora(model, cfg, head, total)
 
+    slices: list[dict] = []  # expert slices of the chosen groups (trained through a SliceMask)
     if cfg.name == "full":
         groups = partition.names
         train = {n for n, _ in model.named_parameters()}
@@ -97,9 +98,9 @@ def apply_method(model: nn.Module, partition: Partition, cfg: MethodConfig, sele
         param.requires_grad_(name in train)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mask = None
-    if trainable == 0 and not (cfg.name in ("groups", "camel", "random_groups") and slices):
+    if trainable == 0 and not slices:
         raise ConfigError("method.name", f"method {cfg.name!r} trains nothing on this model (it has no new task head)")
-    if cfg.name in ("groups", "camel", "random_groups") and slices:
+    if slices:
         from core.experts import SliceMask, slice_masks
 
         mask = SliceMask(model, slice_masks(model, slices))

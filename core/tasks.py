@@ -181,7 +181,6 @@ class QaTask:
                  max_answer_length: int = 30, n_best: int = 20):
         self.tokenizer, self.labels, self.max_length, self.stride = tokenizer, labels, max_length, stride
         self.max_answer_length, self.n_best = max_answer_length, n_best
-        self.pad_right = tokenizer.padding_side == "right"
 
     def encode(self, examples: list[dict]) -> Encoded:
         enc = self.tokenizer(
@@ -330,7 +329,7 @@ class DialogueTask:
             reply = "".join(generate_reply(model, self.tokenizer, prompt, max_new_tokens=self.max_new_tokens, temperature=0.0))
             samples.append({"prompt": prompt[-1]["content"], "reference": ex["messages"][-1]["content"], "generated": reply})
         metrics = {"loss": loss, "perplexity": float(np.exp(loss)), "response_tokens": tokens, "n": len(enc.sample_of),
-                   "dropped_too_long": self.dropped, "samples": samples}
+                   "dropped_too_long": len(examples) - len(enc.sample_of), "samples": samples}
         if self.generation_metrics and samples:
             metrics["generation"] = generation_scores([s["generated"] for s in samples], [s["reference"] for s in samples],
                                                       self.generation_metrics)

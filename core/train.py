@@ -143,6 +143,9 @@ def train(config: RunConfig, progress: bool = True) -> RunResult:
     config.validate()
     if not config.data.train:
         raise ConfigError("data.train", "no training data given")
+    corpus = config.eval.forgetting_corpus
+    if corpus and not os.path.isfile(corpus):  # found out before any work, not after training
+        raise ConfigError("eval.forgetting_corpus", f"file not found: {corpus}")
     config.resolve()  # resolve defaults so the saved config re-runs as is
     if config.init_from:
         inherit_parent(config)
@@ -203,7 +206,7 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
     run.write_json("groups.json", {**prep.partition.to_dict(), "plan": plan.to_dict()})
     if prep.selection is not None:
         run.write_json("selection.json", prep.selection.to_dict())
-    run.set_status("running", plan=plan.to_dict(), sizes=data.summary()["sizes"])
+    run.set_status("running", plan=plan.to_dict(), sizes={k: len(getattr(data, k)) for k in ("train", "validation", "test")})
 
     train_enc = task.encode(data.train)
     val_enc = task.encode(data.validation)
@@ -284,8 +287,8 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
         if examples:
             enc = val_enc if split == "validation" else task.encode(examples)
             report[split], preds = evaluate_task(task, model, examples, enc, t.eval_batch_size)
-            kept = [examples[i] for i in enc.sample_of] if generative else examples
-            run.write_jsonl(f"predictions/{split}.jsonl", prediction_records(kept, preds))
+            # Dialogue predictions are the generated samples, for the first examples in order.
+            run.write_jsonl(f"predictions/{split}.jsonl", prediction_records(examples, preds))
     if forgetting_before is not None:
         report["forgetting"] = compare_forgetting(forgetting_before, measure_forgetting(config, model, task))
     delta_bytes = save_delta(model, run, plan.method)

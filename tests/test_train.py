@@ -185,3 +185,13 @@ def test_encoder_forgetting_is_measured_as_embedding_retention(tiny_bert, sentim
     lora = make_config(tiny_bert, sentiment_csv, tmp_path, method="lora")  # a peft-wrapped body
     lora.eval.forgetting_corpus = str(corpus)
     assert 0.0 < train(lora, progress=False).report["forgetting"]["mean_cosine"] <= 1.0
+
+
+def test_missing_forgetting_corpus_is_refused_before_any_work(tiny_bert, sentiment_csv, tmp_path):
+    from core.errors import ConfigError
+
+    config = make_config(tiny_bert, sentiment_csv, tmp_path / "runs")
+    config.eval.forgetting_corpus = str(tmp_path / "nowhere.txt")
+    with pytest.raises(ConfigError, match="eval.forgetting_corpus': file not found"):
+        train(config, progress=False)
+    assert not (tmp_path / "runs").exists()
