@@ -3,10 +3,13 @@
     python bench/run.py --quick          # CPU-sized subsets (~15 minutes on 2 cores)
     python bench/run.py --full           # whole training sets (hours on a CPU)
     python bench/run.py --quick --tasks fpb,conll --methods camel,full
+    python bench/run.py --curve          # data efficiency: camel, full, LoRA at 5/20/100 % of the data
+    python bench/run.py --report-only    # rebuild docs/BENCHMARKS.md from bench/results/*.json
 
 Each run is `python -m core train` in its own process (so peak memory is per method), in the run
-store bench/runs/<profile>/. Results: bench/results/<profile>.json, and docs/BENCHMARKS.md with the
-tables and ratios to full fine-tuning, plus an interactive plot docs/benchmarks-<profile>.html.
+store bench/runs/<profile>/. Results: bench/results/<profile>.json; docs/BENCHMARKS.md is rebuilt from
+every results file there (tables, ratios to full fine-tuning, the issue's targets held or missed), with
+interactive plots docs/benchmarks-<profile>.html.
 Timings on a shared machine are noisy: compare ratios within one run of this script.
 """
 
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -104,16 +108,21 @@ def summarise(task: str, method: str, run_dir: Path) -> dict:
     report = json.loads((run_dir / "report.json").read_text())
     val, tr = report["validation"], report["training"]
     metric = HEADLINE[task]
+    epochs = tr["epochs"] or 1.0
     row = {
         "task": task, "method": method, "metric": metric, "value": val.get(metric),
         "test_value": report.get("test", {}).get(metric),
         "trainable": report["method"]["trainable"], "trainable_pct": report["method"]["trainable_pct"],
         "seconds_per_epoch": tr["seconds_per_epoch"], "tokens_per_second": tr.get("tokens_per_second"),
+        "fb_seconds_per_epoch": round(tr["forward_backward_seconds"] / epochs, 2) if "forward_backward_seconds" in tr else None,
+        "train_flops_per_token": tr.get("train_flops_per_token"), "achieved_gflops": tr.get("achieved_gflops"),
         "peak_rss_mb": tr["peak_rss_mb"], "delta_mb": round(tr["delta_bytes"] / 1e6, 2),
+        "train_size": json.loads((run_dir / "data.json").read_text())["sizes"]["train"],
     }
     if "selection" in report:
         row["scoring_seconds"] = report["selection"].get("scoring_seconds")
         row["scoring_fraction_of_epoch"] = report["selection"].get("scoring_fraction_of_epoch")
+        row["depth_floor"] = report["selection"]["settings"].get("depth_floor")
     forgetting = report.get("forgetting")
     if forgetting:
         row["forgetting"] = forgetting.get("increase") if forgetting["measure"] == "perplexity" else 1 - forgetting["mean_cosine"]
@@ -121,128 +130,129 @@ def summarise(task: str, method: str, run_dir: Path) -> dict:
     return row
 
 
+def train_once(config: dict, runs_dir: Path, name: str) -> tuple[Path, subprocess.CompletedProcess, float]:
+    """One `python -m core train` run in its own process, in a fresh folder."""
+    run_dir = runs_dir / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    config_path = runs_dir / f"{name}.json"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps({**config, "runs_dir": str(runs_dir), "run_id": name}, indent=2))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "core", "train", "--config", str(config_path), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True)
+    return run_dir, proc, time.perf_counter() - start
+
+
+def run_profile(profile: str, tasks: list[str], methods: list[str], seed: int, results_path: Path) -> None:
+    runs_dir = ROOT / "bench" / "runs" / profile
+    results = {"profile": profile, "machine": machine(), "rows": []}
+    partial = tasks != list(TASKS) or methods != METHODS
+    if partial and results_path.is_file():  # a partial rerun replaces its own rows and keeps the others
+        previous = json.loads(results_path.read_text())
+        chosen = {(t, m) for t in tasks for m in methods}
+        results["rows"] = [r for r in previous["rows"] if (r["task"], r["method"]) not in chosen]
+        results["reruns"] = [*previous.get("reruns", []), {"tasks": ",".join(tasks), "methods": ",".join(methods), "machine": results["machine"]}]
+        results["machine"] = previous["machine"]
+    for task in tasks:
+        for method in [m for m in methods if m in TASKS[task].get("methods", METHODS)]:
+            run_dir, proc, wall = train_once(run_config(task, method, profile, runs_dir, seed), runs_dir, f"{task}-{method}")
+            if proc.returncode != 0:
+                print(f"{task} {method}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+                results["rows"].append({"task": task, "method": method, "error": proc.stderr.strip().splitlines()[-1:]})
+                continue
+            row = summarise(task, method, run_dir)
+            row["wall_seconds"] = round(wall, 1)
+            results["rows"].append(row)
+            print(f"{task:9s} {method:14s} {row['metric']} {row['value']:.4f}  trained {row['trainable_pct']:.2f} %  "
+                  f"{row['seconds_per_epoch']:.1f} s/epoch  {row['peak_rss_mb']:.0f} MB", flush=True)
+    order = {t: i for i, t in enumerate(TASKS)}
+    results["rows"].sort(key=lambda r: (order.get(r["task"], 99), METHODS.index(r["method"]) if r["method"] in METHODS else 99))
+    write_json(results_path, results)
+
+
+# Data efficiency: the same methods on a share of the training data; three seeds (subset, split, init) below 100 %.
+CURVE = {"tasks": ["conll", "fpb"], "methods": ["camel", "full", "lora"], "fractions": [0.05, 0.2, 1.0], "seeds": [42, 7, 13],
+         "epochs": {"conll": {0.05: 6, 0.2: 3, 1.0: 1}, "fpb": {0.05: 6, 0.2: 3, 1.0: 3}},
+         "eval": {"conll": {"max_eval_samples": 1000}, "fpb": {}}}
+
+
+def train_size(task: str, seed: int) -> int:
+    from core.config import DataConfig
+    from core.data import load_task_data
+
+    return len(load_task_data(DataConfig(**TASKS[task]["data"]), seed=seed).train)
+
+
+def run_curve(tasks: list[str], methods: list[str], results_path: Path) -> None:
+    runs_dir = ROOT / "bench" / "runs" / "curve"
+    results = {"profile": "curve", "machine": machine(), "settings": {k: v for k, v in CURVE.items() if k != "epochs"},
+               "epochs": {t: {str(f): e for f, e in v.items()} for t, v in CURVE["epochs"].items()}, "rows": []}
+    if results_path.is_file():
+        previous = json.loads(results_path.read_text())
+        results["rows"] = [r for r in previous["rows"] if not (r["task"] in tasks and r["method"] in methods)]
+    for task in tasks:
+        n = train_size(task, 42)
+        for fraction in CURVE["fractions"]:
+            for seed in CURVE["seeds"] if fraction < 1.0 else CURVE["seeds"][:1]:
+                for method in methods:
+                    config = run_config(task, method, "full", runs_dir, seed)
+                    config["data"] = {**config["data"], **CURVE["eval"][task], "max_train_samples": max(16, round(fraction * n)) if fraction < 1 else None}
+                    config["train"]["epochs"] = CURVE["epochs"][task][fraction]
+                    config["eval"].pop("forgetting_corpus", None)  # quality only here
+                    if method == "random_groups":
+                        config["method"]["match_run"] = f"{task}-{fraction}-{seed}-camel"
+                    name = f"{task}-{fraction}-{seed}-{method}"
+                    run_dir, proc, wall = train_once(config, runs_dir, name)
+                    if proc.returncode != 0:
+                        print(f"{name}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+                        results["rows"].append({"task": task, "method": method, "fraction": fraction, "seed": seed, "error": proc.stderr.strip().splitlines()[-1:]})
+                        continue
+                    row = {**summarise(task, method, run_dir), "fraction": fraction, "seed": seed, "wall_seconds": round(wall, 1)}
+                    results["rows"].append(row)
+                    print(f"{name:28s} {row['metric']} {row['value']:.4f}  n={row['train_size']}  {wall:.0f} s", flush=True)
+                    write_json(results_path, results)  # after every run: a long curve keeps what it has
+    write_json(results_path, results)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_const", dest="profile", const="quick")
     group.add_argument("--full", action="store_const", dest="profile", const="full")
-    parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    group.add_argument("--curve", action="store_const", dest="profile", const="curve")
+    parser.add_argument("--tasks", help=f"comma-separated (default: all of {','.join(TASKS)})")
+    parser.add_argument("--methods", help=f"comma-separated (default: all of {','.join(METHODS)})")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--report-only", action="store_true", help="rebuild docs from bench/results without training")
     args = parser.parse_args(argv)
     profile = args.profile or "quick"
-    results_path = ROOT / "bench" / "results" / f"{profile}.json"
     if not args.report_only:
         if not DATA.is_dir():
             print(f"needs the shared data sets in {DATA}", file=sys.stderr)
             return 2
-        runs_dir = ROOT / "bench" / "runs" / profile
-        results = {"profile": profile, "machine": machine(), "rows": []}
-        partial = args.tasks != ",".join(TASKS) or args.methods != ",".join(METHODS)
-        if partial and results_path.is_file():  # a partial rerun replaces its own rows and keeps the others
-            previous = json.loads(results_path.read_text())
-            chosen = {(t, m) for t in args.tasks.split(",") for m in args.methods.split(",")}
-            results["rows"] = [r for r in previous["rows"] if (r["task"], r["method"]) not in chosen]
-            results["reruns"] = [*previous.get("reruns", []), {"tasks": args.tasks, "methods": args.methods, "machine": results["machine"]}]
-            results["machine"] = previous["machine"]
-        for task in args.tasks.split(","):
-            methods = [m for m in args.methods.split(",") if m in TASKS[task].get("methods", METHODS)]
-            for method in methods:
-                run_dir = runs_dir / f"{task}-{method}"
-                if run_dir.exists():
-                    import shutil
+        default_tasks, default_methods = (CURVE["tasks"], CURVE["methods"]) if profile == "curve" else (list(TASKS), METHODS)
+        tasks = args.tasks.split(",") if args.tasks else default_tasks
+        methods = args.methods.split(",") if args.methods else default_methods
+        unknown = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in METHODS]
+        if unknown:
+            parser.error(f"unknown task or method: {', '.join(unknown)} (tasks: {', '.join(TASKS)}; methods: {', '.join(METHODS)})")
+        results_path = ROOT / "bench" / "results" / f"{profile}.json"
+        if profile == "curve":
+            run_curve(tasks, methods, results_path)
+        else:
+            run_profile(profile, tasks, methods, args.seed, results_path)
+    from report import write_docs  # bench/report.py
 
-                    shutil.rmtree(run_dir)
-                config_path = runs_dir / f"{task}-{method}.json"
-                config_path.parent.mkdir(parents=True, exist_ok=True)
-                config_path.write_text(json.dumps(run_config(task, method, profile, runs_dir, args.seed), indent=2))
-                start = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-m", "core", "train", "--config", str(config_path), "--no-progress"],
-                                      cwd=ROOT, capture_output=True, text=True)
-                wall = time.perf_counter() - start
-                if proc.returncode != 0:
-                    print(f"{task} {method}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
-                    results["rows"].append({"task": task, "method": method, "error": proc.stderr.strip().splitlines()[-1:]})
-                    continue
-                row = summarise(task, method, run_dir)
-                row["wall_seconds"] = round(wall, 1)
-                results["rows"].append(row)
-                print(f"{task:9s} {method:14s} {row['metric']} {row['value']:.4f}  trained {row['trainable_pct']:.2f} %  "
-                      f"{row['seconds_per_epoch']:.1f} s/epoch  {row['peak_rss_mb']:.0f} MB", flush=True)
-        order = {t: i for i, t in enumerate(TASKS)}
-        results["rows"].sort(key=lambda r: (order.get(r["task"], 99), METHODS.index(r["method"]) if r["method"] in METHODS else 99))
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=2) + "\n")
-    results = json.loads(results_path.read_text())
-    write_docs(results)
+    write_docs(ROOT / "bench" / "results", ROOT / "docs")
     return 0
-
-
-def write_docs(results: dict) -> None:
-    profile, m = results["profile"], results["machine"]
-    rows = [r for r in results["rows"] if "error" not in r]
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Generated by `python bench/run.py --{profile}` on {m['date']}: {m['platform']}, {m['cpus']} CPUs, "
-        f"torch {m['torch']} ({m['threads']} threads), dense fp32 matmul {m['matmul_gflops']} GFLOP/s measured in the same run.",
-        "Every method of a task ran with the same data, seed, epoch budget and early stopping, one after another in one",
-        "run of the script; timings are wall-clock on a shared machine, so read them as ratios within a task.",
-        "`random_groups` trains random groups as large as that task's camel run (the control for scoring).",
-        "s/epoch includes the per-epoch evaluation. Forgetting: WikiText-2 perplexity increase for the causal LM,",
-        "1 - mean cosine similarity of base and tuned sentence embeddings of WikiText-2 lines for the encoders.",
-        "",
-        "The quick profile trains on small subsets for one or two epochs (see TASKS in bench/run.py): methods with",
-        "low default learning rates (full at 5e-5) or few parameters (LoRA, BitFit, head) are far from converged there,",
-        "so its ratios say how methods behave with little data and compute, not where they end up. Targets of",
-        "issue 5 are to be read off the full profile.",
-        "",
-    ]
-    for task in dict.fromkeys(r["task"] for r in rows):
-        task_rows = [r for r in rows if r["task"] == task]
-        full = next((r for r in task_rows if r["method"] == "full"), None)
-        metric = task_rows[0]["metric"]
-        lines += [f"## {task} ({metric}, validation{'; lower is better' if metric == 'perplexity' else ''})", "",
-                  "| method | " + metric + " | / full | trained % | s/epoch | / full | tokens/s | peak RSS MB | / full | delta MB | forgetting | scoring % of epoch |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in task_rows:
-            def ratio(key: str, r: dict = r, full: dict | None = full) -> str:
-                return f"{r[key] / full[key]:.2f}" if full and full.get(key) and r.get(key) is not None else ""
-
-            scoring = r.get("scoring_fraction_of_epoch")
-            forgetting = r.get("forgetting")
-            lines.append(f"| {r['method']} | {r['value']:.4f} | {ratio('value')} | {r['trainable_pct']:.2f} | {r['seconds_per_epoch']:.1f} | "
-                         f"{ratio('seconds_per_epoch')} | {r.get('tokens_per_second') or ''} | {r['peak_rss_mb']:.0f} | {ratio('peak_rss_mb')} | "
-                         f"{r['delta_mb']:.1f} | {'' if forgetting is None else f'{forgetting:.4f}'} | "
-                         f"{'' if scoring is None else f'{100 * scoring:.1f}'} |")
-        lines.append("")
-    for rerun in results.get("reruns", []):
-        lines += [f"Rerun separately on {rerun['machine']['date']} (matmul {rerun['machine']['matmul_gflops']} GFLOP/s): "
-                  f"tasks {rerun['tasks']}, methods {rerun['methods']}.", ""]
-    failed = [r for r in results["rows"] if "error" in r]
-    if failed:
-        lines += ["## Runs that failed", ""] + [f"- {r['task']} {r['method']}: {r['error']}" for r in failed] + [""]
-    lines += [f"Interactive plot: [benchmarks-{profile}.html](benchmarks-{profile}.html) (quality against trained parameters and time).", ""]
-    (ROOT / "docs" / "BENCHMARKS.md").write_text("\n".join(lines))
-    write_plot(rows, ROOT / "docs" / f"benchmarks-{profile}.html")
-
-
-def write_plot(rows: list[dict], path: Path) -> None:
-    try:
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
-    except ImportError:
-        return
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig = make_subplots(rows=len(tasks), cols=2, subplot_titles=[t for task in tasks for t in (f"{task}: quality vs trained %", f"{task}: quality vs s/epoch")])
-    for i, task in enumerate(tasks, start=1):
-        task_rows = [r for r in rows if r["task"] == task]
-        for col, key in ((1, "trainable_pct"), (2, "seconds_per_epoch")):
-            fig.add_trace(go.Scatter(x=[r[key] for r in task_rows], y=[r["value"] for r in task_rows], mode="markers+text",
-                                     text=[r["method"] for r in task_rows], textposition="top center", showlegend=False), row=i, col=col)
-    fig.update_layout(height=320 * len(tasks), width=1000)
-    fig.write_html(path, include_plotlyjs="cdn")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,9 @@ class MethodConfig:
     include: list[str] = field(default_factory=list)  # always trained (names or globs)
     exclude: list[str] = field(default_factory=list)  # never trained; wins over scores and include
     score_batches: int | None = None  # task batches the scorer sees; None: 2 % of an epoch's batches, 2 to 16
+    # depth floor: train no group below the highest layer whose groups still capture this share of the score the
+    # rule would capture without a floor (backward stops at the floor). None: 0.9 for rule auto, else off (1.0 = off)
+    depth_keep: float | None = None
     # random_groups: random groups as large as this run's trained part (or `budget` when no run is given)
     match_run: str | None = None
     last_n: int = 2  # last_n: how many top blocks
@@ -200,6 +203,8 @@ class RunConfig:
             # A new, random head learns from scratch: it wants a higher rate than the pretrained body.
             self.train.head_lr = max(self.train.learning_rate, 1e-3)
         self.train.metric = self.metric
+        if self.method.name == "camel" and self.method.depth_keep is None:
+            self.method.depth_keep = 0.9 if self.method.rule == "auto" else 1.0
 
     def validate(self) -> None:
         """Check values that types alone cannot; raise ConfigError naming the field."""
@@ -237,6 +242,8 @@ class RunConfig:
             raise ConfigError("method.budget", f"a fraction of the model's parameters in (0, 1], got {m.budget}")
         if m.top_k is not None:
             _positive("method.top_k", m.top_k)
+        if m.depth_keep is not None and not 0.0 < m.depth_keep <= 1.0:
+            raise ConfigError("method.depth_keep", f"a share of the selection's score in (0, 1] (1 = no depth floor), got {m.depth_keep}")
         if m.name == "camel" and m.rule == "top_k" and m.top_k is None:
             raise ConfigError("method.top_k", "rule 'top_k' needs top_k")
         if m.name == "camel" and m.rule == "budget" and m.budget is None:

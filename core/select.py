@@ -8,6 +8,10 @@ Rules (each records, for every group, whether it is in and why):
     budget      best-scored groups while their parameters fit in a fraction of the model.
     auto        p and a parameter budget from the task's measured complexity (below), then
                 cumulative under that budget.
+Depth floor (`depth_keep`, default 0.9 under auto): backward runs down to the lowest trained group, so
+a tiny norm group in block 0 costs a backward pass through the whole body. The floor is the highest
+block at or above which the rule's own choice holds `depth_keep` of its score; groups below it are
+not trained (their reason says so), and the rule runs again above it to spend the budget they freed.
 Manual `include` / `exclude` (names or globs) apply on top; exclusion wins over everything. The task
 head is always in, and so are the body parts between the last block and the head (pooler, final
 norm: see core/scoring.py), unless excluded by name.
@@ -168,31 +172,16 @@ def select_groups(part: Partition, scores: Scores, cfg: MethodConfig, complexity
     limit = budget * part.total_params if budget is not None else math.inf
     used = sum(c.size for c in choices if c.selected)  # head and head-side parts
 
-    if rule == "cumulative":
-        reached: dict[Any, float] = {}
-        for c in ranked:
-            scope = c.layer if cfg.scope == "layer" else "all"
-            so_far = reached.get(scope, 0.0)
-            if so_far >= p:
-                c.reason = f"cumulative score {so_far:.3f} already reached p={p:.3f}" + (f" in layer {c.layer}" if cfg.scope == "layer" else "")
-                continue
-            if used + c.size > limit:
-                c.reason = f"would exceed the parameter budget ({budget:.1%} of the model)"
-                continue
-            c.selected, used = True, used + c.size
-            reached[scope] = so_far + (c.normalized or 0.0)
-            c.reason = f"rank {c.rank}: cumulative score {reached[scope]:.3f} (p={p:.3f})"
-    elif rule == "top_k":
-        for c in ranked:
-            c.selected = c.rank <= cfg.top_k
-            c.reason = f"rank {c.rank} {'within' if c.selected else 'outside'} top {cfg.top_k}"
-    elif rule == "budget":
-        for c in ranked:
-            if used + c.size <= limit:
-                c.selected, used = True, used + c.size
-                c.reason = f"rank {c.rank}: fits the budget ({budget:.1%})"
-            else:
-                c.reason = f"would exceed the parameter budget ({budget:.1%} of the model)"
+    def run(floor: int | None) -> list[tuple[bool, str]]:
+        return _apply_rule(ranked, rule, p, cfg, limit, budget, used, floor)
+
+    decisions = run(None)
+    keep = cfg.depth_keep if cfg.depth_keep is not None else 1.0
+    if keep < 1.0 and ranked:
+        _, decisions, depth = _depth_floor(ranked, run, decisions, keep)
+        settings.update(depth_keep=keep, **depth)
+    for c, (selected, reason) in zip(ranked, decisions):
+        c.selected, c.reason = selected, reason
 
     for name in _matching(part, cfg.include, "method.include"):
         if not by_name[name].selected:
@@ -203,6 +192,57 @@ def select_groups(part: Partition, scores: Scores, cfg: MethodConfig, complexity
         by_name[name].selected, by_name[name].reason = False, "excluded by the user"
     return Selection(rule if cfg.rule != "auto" else "auto", settings, choices, part.total_params, complexity,
                      scores.to_dict())
+
+
+def _apply_rule(ranked: list[Choice], rule: str, p: float | None, cfg: MethodConfig, limit: float, budget: float | None,
+                used: int, floor: int | None) -> list[tuple[bool, str]]:
+    """(selected, reason) for each ranked group under the rule; groups below `floor` are not eligible."""
+    out: list[tuple[bool, str]] = []
+    reached: dict[Any, float] = {}
+    for c in ranked:
+        if floor is not None and _depth(c) < floor:
+            out.append((False, f"below the depth floor (layer {floor}): would make backward run through lower layers"))
+        elif rule == "cumulative":
+            scope = c.layer if cfg.scope == "layer" else "all"
+            so_far = reached.get(scope, 0.0)
+            if so_far >= p:
+                out.append((False, f"cumulative score {so_far:.3f} already reached p={p:.3f}" + (f" in layer {c.layer}" if cfg.scope == "layer" else "")))
+            elif used + c.size > limit:
+                out.append((False, f"would exceed the parameter budget ({budget:.1%} of the model)"))
+            else:
+                used, reached[scope] = used + c.size, so_far + (c.normalized or 0.0)
+                out.append((True, f"rank {c.rank}: cumulative score {reached[scope]:.3f} (p={p:.3f})"))
+        elif rule == "top_k":
+            out.append((c.rank <= cfg.top_k, f"rank {c.rank} {'within' if c.rank <= cfg.top_k else 'outside'} top {cfg.top_k}"))
+        elif used + c.size <= limit:  # budget
+            used += c.size
+            out.append((True, f"rank {c.rank}: fits the budget ({budget:.1%})"))
+        else:
+            out.append((False, f"would exceed the parameter budget ({budget:.1%} of the model)"))
+    return out
+
+
+def _depth(c: Choice) -> int:
+    """Where a group sits for backward: its block, or -1 (below every block) for embeddings and unplaced groups."""
+    return c.layer if c.layer is not None else -1
+
+
+def _depth_floor(ranked: list[Choice], run, unfloored: list[tuple[bool, str]], keep: float):
+    """The highest floor layer at or above which the unfloored selection's own groups hold `keep` of its score.
+
+    Backward stops at the lowest trained group, so a low group costs a pass through every block above it,
+    however small it is. Groups below the floor are dropped and the rule runs again among the groups at or
+    above it, so the budget they freed goes to the next-best groups there."""
+    chosen = [(c, _depth(c)) for c, (sel, _) in zip(ranked, unfloored) if sel]
+    full = sum(c.normalized or 0.0 for c, _ in chosen)
+    floor = min((d for _, d in chosen), default=None)
+    for candidate in sorted({d for _, d in chosen}, reverse=True):
+        if sum(c.normalized or 0.0 for c, d in chosen if d >= candidate) >= keep * full:
+            floor = candidate
+            break
+    decisions = run(floor)
+    captured = sum(c.normalized or 0.0 for c, (sel, _) in zip(ranked, decisions) if sel)
+    return floor, decisions, {"depth_floor": floor, "captured_without_floor": round(full, 4), "captured": round(captured, 4)}
 
 
 def select_random(part: Partition, target_params: int, seed: int, cfg: MethodConfig) -> Selection:

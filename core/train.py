@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import SequentialSampler
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     EarlyStoppingCallback,
     Trainer,
@@ -305,6 +306,7 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
         "learning_rate": config.learning_rate,
         "head_lr": config.train.head_lr,
         "peak_rss_mb": peak_rss_mb(),
+        **trainer.meter.report(),
         # What the optimizer held: equals the plan's trainable count (frozen tensors never enter it).
         "optimizer_params": sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]),
         "delta_bytes": delta_bytes,
@@ -352,6 +354,25 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+@dataclass
+class StepMeter:
+    """Time in forward + backward (not evaluation, optimizer or data loading) and the FLOPs it ran,
+    counted by torch's FLOP counter on the first batch (per padded token; attention's share grows with
+    length, so this is close, not exact, for batches of other lengths)."""
+
+    flops_per_token: float | None = None
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"forward_backward_seconds": round(self.seconds, 2)}
+        if self.flops_per_token is not None:
+            out["train_flops_per_token"] = round(self.flops_per_token)
+            if self.seconds > 0:
+                out["achieved_gflops"] = round(self.flops_per_token * self.tokens / self.seconds / 1e9, 2)
+        return out
+
+
 class RunTrainer(Trainer):
     """Trainer whose evaluation keeps the dataset's order.
 
@@ -359,8 +380,28 @@ class RunTrainer(Trainer):
     each prediction back to its example by position (NER windows -> words), so order must be kept.
     """
 
-    head_params: list[nn.Parameter] = []
-    head_lr: float | None = None
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_params: list[nn.Parameter] = []
+        self.head_lr: float | None = None
+        self.meter = StepMeter()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward and backward of one batch, timed; the first one is also counted in FLOPs."""
+        ids = inputs.get("input_ids")
+        tokens = int(ids.numel()) if ids is not None else 0  # padded: what the matmuls ran on
+        if self.meter.flops_per_token is None and tokens:
+            with FlopCounterMode(display=False) as counter:  # slow: this step is not timed
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            self.meter.flops_per_token = counter.get_total_flops() / tokens
+            return loss
+        start = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.meter.seconds += time.perf_counter() - start
+        self.meter.tokens += tokens
+        return loss
 
     def _get_eval_sampler(self, eval_dataset):
         return SequentialSampler(eval_dataset)

@@ -95,6 +95,27 @@ def test_top_k_and_budget_rules(layer_part):
     assert sel.selected_params <= limit
 
 
+def test_depth_floor_drops_low_groups_that_add_little_and_keeps_those_that_matter(model):
+    part = partition(model, "module")  # per block: attention, ffn, norm groups
+    names = {g.name: g for g in part.groups}
+    low = [n for n, g in names.items() if g.layer == 0 and g.kind == "norm"]
+    assert low
+    values = {n: (10.0 if g.layer == 1 else 0.1) for n, g in names.items()}
+    values[low[0]] = 0.5  # ranks just below block 1's groups: a cumulative p of 0.99 reaches it
+    scores = fake_scores(part, values)
+    plain = select_groups(part, scores, method(rule="cumulative", p=0.99))
+    assert low[0] in plain.selected
+    floored = select_groups(part, scores, method(rule="cumulative", p=0.99, depth_keep=0.9))
+    by = {c.name: c for c in floored.choices}
+    assert not by[low[0]].selected and "below the depth floor (layer 1)" in by[low[0]].reason
+    assert floored.settings["depth_floor"] == 1 and floored.settings["captured"] >= 0.9 * floored.settings["captured_without_floor"]
+    assert all(names[n].layer in (1, None) or names[n].kind in ("head", "head_side") for n in floored.selected)
+    # when the low groups carry the task, the floor stays low
+    values = {n: (10.0 if g.layer == 0 else 1.0) for n, g in names.items()}
+    kept = select_groups(part, fake_scores(part, values), method(rule="cumulative", p=0.9, depth_keep=0.9))
+    assert any(names[n].layer == 0 for n in kept.selected)
+
+
 def test_layer_scope_reaches_p_within_each_layer(model):
     part = partition(model, "module")
     values = {g.name: float(i + 1) for i, g in enumerate(part.groups)}

@@ -195,3 +195,14 @@ def test_missing_forgetting_corpus_is_refused_before_any_work(tiny_bert, sentime
     with pytest.raises(ConfigError, match="eval.forgetting_corpus': file not found"):
         train(config, progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+def test_training_flops_are_counted_and_backward_stops_at_the_lowest_trained_group(tiny_bert, sentiment_csv, tmp_path):
+    training = {}
+    for method in ("full", "last_n", "head"):
+        cfg = make_config(tiny_bert, sentiment_csv, tmp_path, method=method, run_id=method, epochs=1)
+        training[method] = train(cfg, progress=False).report["training"]
+    flops = {m: t["train_flops_per_token"] for m, t in training.items()}
+    assert flops["full"] > flops["last_n"] > flops["head"] > 0  # less of the body in backward, fewer FLOPs
+    for t in training.values():
+        assert 0 < t["forward_backward_seconds"] <= t["train_seconds"] and t["achieved_gflops"] > 0
