@@ -178,6 +178,7 @@ CURVE = {"tasks": ["conll", "fpb"], "methods": ["camel", "full", "lora"], "fract
 
 
 def train_size(task: str, seed: int) -> int:
+    sys.path.insert(0, str(ROOT))
     from core.config import DataConfig
     from core.data import load_task_data
 

@@ -125,14 +125,38 @@ def normalize_per_layer(raw: dict[str, float | None], part: Partition) -> dict[s
 @register("gradient")
 def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed: int = 0,
                    probe: _ProbeFeatures | None = None, per_parameter: bool = False) -> tuple[dict[str, float | None], list[float]]:
-    """Trace of each group's empirical diagonal Fisher (per parameter with `per_parameter`)."""
+    """Trace of each group's empirical diagonal Fisher (per parameter with `per_parameter`).
+
+    Each parameter's gradient is folded into its groups' sums as soon as backward has produced it,
+    then freed: scoring never holds a model-sized set of gradients or squared-gradient buffers."""
     params = dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
-    sq = {n: torch.zeros_like(p) for n, p in params.items()}
+    takes: dict[str, list[tuple[str, int | None, torch.Tensor | None]]] = {n: [] for n in params}  # param -> (group, dim, idx)
+    for g in part.groups:
+        for n in g.slices or g.params:
+            dim, idx = g.slices[n] if g.slices else (None, None)
+            takes[n].append((g.name, dim, None if idx is None else torch.tensor(idx, device=params[n].device)))
+    totals = {g.name: torch.zeros((), dtype=torch.float64) for g in part.groups}
+
+    def fold(name: str):
+        def hook(p: torch.Tensor) -> None:
+            sq = p.grad.detach().float() ** 2
+            whole = None
+            for group, dim, idx in takes[name]:
+                if idx is None:
+                    whole = sq.sum() if whole is None else whole
+                    totals[group] += whole.cpu()
+                else:
+                    totals[group] += sq.index_select(dim, idx).sum().cpu()
+            p.grad = None
+        return hook
+
     losses = []
+    handles = []
     try:
-        for p in params.values():
+        for n, p in params.items():
             p.requires_grad_(True)
+            handles.append(p.register_post_accumulate_grad_hook(fold(n)))
         for batch in batches:
             model.zero_grad(set_to_none=True)
             out = model(**batch, output_hidden_states=probe is not None)
@@ -140,21 +164,14 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
             losses.append(float(out.loss.detach()))
             if probe is not None:
                 probe.add(out, batch)
-            for n, p in params.items():
-                if p.grad is not None:
-                    sq[n] += p.grad.detach() ** 2
     finally:
+        for h in handles:
+            h.remove()
         model.zero_grad(set_to_none=True)
         for n, p in params.items():
             p.requires_grad_(flags[n])
-    scores: dict[str, float | None] = {}
-    for g in part.groups:
-        if g.slices:
-            total = sum(float(sq[n].index_select(dim, torch.tensor(idx)).sum()) for n, (dim, idx) in g.slices.items())
-        else:
-            total = sum(float(sq[n].sum()) for n in g.params)
-        scores[g.name] = total / len(batches) / (g.numel if per_parameter and g.numel else 1)
-    return scores, losses
+    return {g.name: float(totals[g.name]) / len(batches) / (g.numel if per_parameter and g.numel else 1)
+            for g in part.groups}, losses
 
 
 @register("gradient_density")

@@ -1,0 +1,80 @@
+"""Profile training steps of one run configuration with torch.profiler: where a step's time goes.
+
+    python bench/profile_step.py --config bench/runs/quick/conll-camel.json [--steps 10] [--method full]
+
+Prepares the run exactly as `python -m core train` does (scoring and selection included), then times
+`--steps` optimizer steps (forward, backward, optimizer, the slice restore) on real training batches after
+two warm-up steps, and prints the profiler's table of the most expensive operators plus the split of the
+step into phases. Nothing is written to a run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from core.config import RunConfig
+    from core.train import prepare, task_batches
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--method", help="override method.name (e.g. full, lora)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--shapes", action="store_true", help="group operators by input shapes")
+    args = parser.parse_args(argv)
+    config = RunConfig.load(args.config)
+    if args.method:
+        config.method.name = args.method
+    prep = prepare(config)
+    model, plan, t = prep.model, prep.plan, config.train
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=t.weight_decay)
+    batches = task_batches(prep.task, prep.data.train, args.steps + 2, t.batch_size, t.seed)
+
+    def step(batch) -> dict[str, float]:
+        times = {}
+        start = time.perf_counter()
+        with record_function("forward"):
+            loss = model(**batch).loss
+        times["forward"] = time.perf_counter() - start
+        with record_function("backward"):
+            loss.backward()
+        times["backward"] = time.perf_counter() - start - times["forward"]
+        mark = time.perf_counter()
+        with record_function("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if plan.slice_mask is not None:
+                plan.slice_mask.restore()
+        times["optimizer"] = time.perf_counter() - mark
+        return times
+
+    for batch in batches[:2]:
+        step(batch)
+    totals: dict[str, float] = {}
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
+        for batch in batches[2:]:
+            for k, v in step(batch).items():
+                totals[k] = totals.get(k, 0.0) + v
+    print(f"{config.method.name}: {plan.trainable:,} trainable ({100 * plan.trainable / plan.total:.2f} %), "
+          f"{len(batches) - 2} steps, batch {t.batch_size}")
+    whole = sum(totals.values())
+    print("phases: " + ", ".join(f"{k} {v / (len(batches) - 2) * 1000:.1f} ms ({100 * v / whole:.0f} %)" for k, v in totals.items()))
+    print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
