@@ -1,7 +1,8 @@
 """Deltas: only the trained tensors of a run, in safetensors. Base model + delta = the tuned model.
 
 A delta stores tensors under the names they have in the model as trained (peft-wrapped names for
-LoRA runs, whose delta is the adapters plus the head). `load_run_model` rebuilds the model exactly:
+LoRA runs, whose delta is the adapters plus the head). A tensor trained only in slices (FFN experts:
+some rows or columns) is stored as those slices, `name`, with their positions, `name@index<dim>`. `load_run_model` rebuilds the model exactly:
 base weights (or the parent run's tuned model, for re-tuned runs), the same method wrapping, then
 the delta. Loading never unpickles anything.
 """
@@ -20,13 +21,41 @@ from core.runs import Run, open_run
 DELTA_FILE = "delta.safetensors"
 
 
-def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+INDEX = "@index"
 
 
-def save_delta(model: nn.Module, run: Run, method: str) -> int:
-    """Write the trained tensors of `model` to the run; return the file size in bytes."""
-    state = trained_state(model)
+def trained_state(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The trained tensors; those with a slice mask (True = trained entry) as their trained slices."""
+    state = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        value = param.detach().cpu()
+        mask = masks.get(name) if masks else None
+        sliced = _as_slices(mask.cpu()) if mask is not None else None
+        if sliced is None:
+            state[name] = value.contiguous()
+        else:
+            dim, index = sliced
+            state[name] = value.index_select(dim, index).contiguous()
+            state[f"{name}{INDEX}{dim}"] = index
+    return state
+
+
+def _as_slices(mask: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    """(dim, indices) when the mask is exactly whole rows (dim 0) or whole columns (dim 1), else None."""
+    for dim in range(mask.dim()):
+        other = [d for d in range(mask.dim()) if d != dim]
+        picked = mask.any(dim=other) if other else mask
+        index = torch.nonzero(picked).flatten()
+        if torch.equal(mask, picked.view([-1 if d == dim else 1 for d in range(mask.dim())]).expand_as(mask)):
+            return dim, index
+    return None
+
+
+def save_delta(model: nn.Module, run: Run, method: str, masks: dict[str, torch.Tensor] | None = None) -> int:
+    """Write the trained tensors of `model` to the run (slices of sliced ones); return the file size in bytes."""
+    state = trained_state(model, masks)
     if not run.writer:  # another process (rank 0) writes it
         return sum(t.numel() * t.element_size() for t in state.values())
     atomic_write(run.file(DELTA_FILE), lambda tmp: save_file(state, tmp, metadata={"run_id": run.id, "method": method}))
@@ -43,16 +72,28 @@ def load_delta(run: Run) -> dict[str, torch.Tensor]:
 
 def apply_delta(model: nn.Module, delta: dict[str, torch.Tensor], source: str) -> None:
     params = dict(model.named_parameters())
-    missing = [k for k in delta if k not in params]
+    indices = {k.rsplit(INDEX, 1)[0]: (int(k.rsplit(INDEX, 1)[1]), v) for k, v in delta.items() if INDEX in k}
+    values = {k: v for k, v in delta.items() if INDEX not in k}
+    missing = [k for k in values if k not in params]
     if missing:
         raise RunError(f"{source}: the delta names tensors the model does not have, e.g. {missing[0]!r}; "
                        "was the base model changed?")
     with torch.no_grad():
-        for name, tensor in delta.items():
-            if params[name].shape != tensor.shape:
+        for name, tensor in values.items():
+            target = params[name]
+            if name in indices:
+                dim, index = indices[name]
+                expected = list(target.shape)
+                expected[dim] = len(index)
+                if dim >= target.dim() or list(tensor.shape) != expected or (len(index) and int(index.max()) >= target.shape[dim]):
+                    raise RunError(f"{source}: slices of {name!r} (shape {tuple(tensor.shape)}, dim {dim}) do not fit "
+                                   f"its shape {tuple(target.shape)} in the model")
+                target.index_copy_(dim, index.to(target.device), tensor.to(target.dtype).to(target.device))
+                continue
+            if target.shape != tensor.shape:
                 raise RunError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} in the delta but "
-                               f"{tuple(params[name].shape)} in the model")
-            params[name].copy_(tensor)
+                               f"{tuple(target.shape)} in the model")
+            target.copy_(tensor)
 
 
 def load_run_model(run: Run, merge: bool = False) -> nn.Module:

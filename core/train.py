@@ -292,7 +292,7 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
             run.write_jsonl(f"predictions/{split}.jsonl", prediction_records(examples, preds))
     if forgetting_before is not None:
         report["forgetting"] = compare_forgetting(forgetting_before, measure_forgetting(config, model, task))
-    delta_bytes = save_delta(model, run, plan.method)
+    delta_bytes = save_delta(model, run, plan.method, plan.slice_mask.masks if plan.slice_mask is not None else None)
     epochs_done = float(trainer.state.epoch or 0.0)
     train_tokens = sum(len(ids) for ids in train_enc.dataset["input_ids"]) * epochs_done  # real tokens, no padding
     report["training"] = {

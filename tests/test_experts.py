@@ -107,3 +107,13 @@ def test_slice_mask_keeps_unselected_entries_and_adam_state_exact(llama):
         else:
             assert torch.equal(p, before[name]), name
     assert mask.trainable_count() == part.group("layer.1.expert.2").numel
+    # The delta keeps the slices alone (gate/up rows, down columns) and rebuilds the tuned tensors exactly.
+    from core.delta import apply_delta, trained_state
+
+    delta = trained_state(model, mask.masks)
+    assert sum(v.numel() for k, v in delta.items() if "@index" not in k) == mask.trainable_count()
+    assert {k.rsplit("@index", 1)[1] for k in delta if "@index" in k} == {"0", "1"}
+    fresh = LlamaForCausalLM(llama.config)
+    fresh.load_state_dict(llama.state_dict())
+    apply_delta(fresh, delta, "test")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))

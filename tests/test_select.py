@@ -188,6 +188,12 @@ def test_camel_run_trains_the_selected_experts_only(tiny_bert, sentiment_csv, tm
                 assert torch.equal(params[name], base[name]), name
     reloaded = load_run_model(open_run("camel", tmp_path))
     assert torch.equal(batch_logits(reloaded, tiny_bert), batch_logits(result.model, tiny_bert))
+    # The delta holds exactly the trained entries: expert slices as slices, with their positions.
+    from safetensors.torch import load_file
+
+    delta = load_file(run.file("delta.safetensors"))
+    assert any("@index" in k for k in delta) == any(g.startswith("layer.") and ".expert." in g for g in selected)
+    assert sum(v.numel() for k, v in delta.items() if "@index" not in k) == result.report["method"]["trainable"]
 
 
 def test_random_groups_match_a_camel_run_in_size(tiny_bert, sentiment_csv, tmp_path):
