@@ -178,9 +178,9 @@ class QaTask:
     name = "qa"
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, labels: list[str], max_length: int, stride: int = 32,
-                 max_answer_length: int = 30, n_best: int = 20):
+                 max_answer_length: int = 30):
         self.tokenizer, self.labels, self.max_length, self.stride = tokenizer, labels, max_length, stride
-        self.max_answer_length, self.n_best = max_answer_length, n_best
+        self.max_answer_length = max_answer_length
 
     def encode(self, examples: list[dict]) -> Encoded:
         enc = self.tokenizer(
@@ -219,19 +219,21 @@ class QaTask:
         return DataCollatorWithPadding(self.tokenizer)
 
     def predict(self, examples: list[dict], enc: Encoded, logits: Any) -> list[dict[str, Any]]:
+        """Per example, the best-scoring span (start + end logit) over all its windows: exact, over every
+        pair of context tokens with start <= end and at most `max_answer_length` tokens."""
         start_logits, end_logits = _split_span_logits(logits)
         best: list[dict[str, Any] | None] = [None] * len(examples)
         for f, (s, offsets) in enumerate(zip(enc.sample_of, enc.word_ids)):
             n = len(offsets)
-            st, en = start_logits[f][:n], end_logits[f][:n]
-            for i in np.argsort(st)[::-1][: self.n_best]:
-                for j in np.argsort(en)[::-1][: self.n_best]:
-                    if offsets[i] is None or offsets[j] is None or j < i or j - i + 1 > self.max_answer_length:
-                        continue
-                    score = float(st[i] + en[j])
-                    if best[s] is None or score > best[s]["score"]:
-                        a, b = offsets[i][0], offsets[j][1]
-                        best[s] = {"answer": examples[s]["context"][a:b], "start": a, "end": b, "score": score}
+            context = np.array([o is not None for o in offsets])
+            width = np.subtract.outer(np.arange(n), np.arange(n)).T  # [i, j] = j - i
+            ok = context[:, None] & context[None, :] & (width >= 0) & (width < self.max_answer_length)
+            scores = np.where(ok, start_logits[f][:n, None] + end_logits[f][None, :n], -np.inf)
+            i, j = divmod(int(scores.argmax()), n)
+            score = float(scores[i, j])
+            if ok[i, j] and (best[s] is None or score > best[s]["score"]):
+                a, b = offsets[i][0], offsets[j][1]
+                best[s] = {"answer": examples[s]["context"][a:b], "start": a, "end": b, "score": score}
         return [b or {"answer": "", "start": 0, "end": 0, "score": float("-inf")} for b in best]
 
     def metrics(self, examples: list[dict], predictions: list[dict], full: bool = True) -> dict[str, Any]:
