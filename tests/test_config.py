@@ -30,6 +30,7 @@ def test_config_round_trips(tmp_path, suffix):
         ({"data": {"validation_fraction": 1.5}}, r"'data.validation_fraction': must be in \[0, 1\)"),
         ({"run_id": "../etc"}, r"'run_id': '../etc' is not a valid run id"),
         ({"model": "minilm"}, r"'model': expected a mapping"),
+        ({"method": {"depth_keep": 1.5}}, r"'method.depth_keep': a share of the selection's score in \(0, 1\]"),
         ({"method": {"select": "layer.1, layer.2"}}, None),
     ],
 )
@@ -46,6 +47,17 @@ def test_invalid_yaml_file_is_reported(tmp_path):
     path.write_text("data: [unclosed\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="c.yaml is not valid YAML"):
         RunConfig.load(path)
+
+
+def test_depth_floor_is_on_for_auto_selection_only():
+    def resolved(method: dict) -> float | None:
+        config = RunConfig.from_dict({"method": method})
+        config.resolve()
+        return config.method.depth_keep
+
+    assert resolved({}) == 0.9
+    assert resolved({"rule": "top_k", "top_k": 2}) == 1.0
+    assert resolved({"depth_keep": 0.5}) == 0.5
 
 
 def test_method_default_learning_rates():
