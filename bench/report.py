@@ -18,7 +18,7 @@ LOWER_IS_BETTER = {"perplexity"}
 
 def write_docs(results_dir: Path, docs_dir: Path) -> None:
     results = {name: json.loads((results_dir / f"{name}.json").read_text())
-               for name in (*PROFILES, "curve") if (results_dir / f"{name}.json").is_file()}
+               for name in (*PROFILES, "control", "curve") if (results_dir / f"{name}.json").is_file()}
     lines = [
         "# Benchmarks",
         "",
@@ -36,6 +36,9 @@ def write_docs(results_dir: Path, docs_dir: Path) -> None:
         "sentence embeddings of WikiText-2 lines for the encoders. `floor`: camel's depth floor (lowest trained block).",
         "",
     ]
+    findings = results_dir.parent / "findings.md"  # hand-written reading of these numbers
+    if findings.is_file():
+        lines += [findings.read_text().strip(), ""]
     for profile in PROFILES:
         if profile in results:
             lines += targets_section(results[profile])
@@ -43,6 +46,8 @@ def write_docs(results_dir: Path, docs_dir: Path) -> None:
         if profile in results:
             lines += profile_section(results[profile])
             write_profile_plot(results[profile], docs_dir / f"benchmarks-{profile}.html")
+    if "control" in results:
+        lines += control_section(results["control"])
     if "curve" in results:
         lines += curve_section(results["curve"])
         write_curve_plot(results["curve"], docs_dir / "benchmarks-curve.html")
@@ -191,6 +196,30 @@ def curve_section(results: dict) -> list[str]:
         lines.append("")
     lines += ["Interactive plot: [benchmarks-curve.html](benchmarks-curve.html).", ""]
     return lines
+
+
+def control_section(results: dict) -> list[str]:
+    rows = _rows(results)
+    lines = ["## Does scoring matter? camel against random groups of the same size", "",
+             f"`python bench/run.py --control` on {_machine_line(results['machine'])}. Quick-profile data and epochs, seeds "
+             f"{', '.join(map(str, results['settings']['seeds']))} (each seed draws the subset, the split, the head and, for "
+             "random_groups, the groups); random_groups matches the trained size of the camel run of the same seed.", "",
+             "| task | metric | camel | random groups | camel - random per seed | mean difference |", "|---|---|---|---|---|---|"]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        by_seed = {}
+        for r in rows:
+            if r["task"] == task:
+                by_seed.setdefault(r["seed"], {})[r["method"]] = r["value"]
+        pairs = [(v["camel"], v["random_groups"]) for v in by_seed.values() if {"camel", "random_groups"} <= set(v)]
+        if not pairs:
+            continue
+        camel, rand = [c for c, _ in pairs], [r for _, r in pairs]
+        diffs = [c - r for c, r in pairs]
+        spread = f" ± {statistics.stdev(diffs):.4f}" if len(diffs) > 1 else ""
+        metric = next(r["metric"] for r in rows if r["task"] == task)
+        lines.append(f"| {task} | {metric} | {statistics.mean(camel):.4f} | {statistics.mean(rand):.4f} | "
+                     f"{', '.join(f'{d:+.4f}' for d in diffs)} | {statistics.mean(diffs):+.4f}{spread} |")
+    return [*lines, ""]
 
 
 def write_profile_plot(results: dict, path: Path) -> None:

@@ -4,6 +4,7 @@
     python bench/run.py --full           # whole training sets (hours on a CPU)
     python bench/run.py --quick --tasks fpb,conll --methods camel,full
     python bench/run.py --curve          # data efficiency: camel, full, LoRA at 5/20/100 % of the data
+    python bench/run.py --control        # camel against random groups of its size, three seeds
     python bench/run.py --report-only    # rebuild docs/BENCHMARKS.md from bench/results/*.json
 
 Each run is `python -m core train` in its own process (so peak memory is per method), in the run
@@ -216,6 +217,33 @@ def run_curve(tasks: list[str], methods: list[str], results_path: Path) -> None:
     write_json(results_path, results)
 
 
+# Does scoring matter? camel against random groups of the same size, quick-profile data, several seeds.
+CONTROL = {"tasks": ["conll", "fpb"], "methods": ["camel", "random_groups"], "seeds": [42, 7, 13]}
+
+
+def run_control(tasks: list[str], results_path: Path) -> None:
+    runs_dir = ROOT / "bench" / "runs" / "control"
+    results = {"profile": "control", "machine": machine(), "settings": CONTROL, "rows": []}
+    for task in tasks:
+        for seed in CONTROL["seeds"]:
+            for method in CONTROL["methods"]:
+                config = run_config(task, method, "quick", runs_dir, seed)
+                config["eval"].pop("forgetting_corpus", None)  # quality only here
+                if method == "random_groups":
+                    config["method"]["match_run"] = f"{task}-{seed}-camel"
+                name = f"{task}-{seed}-{method}"
+                run_dir, proc, wall = train_once(config, runs_dir, name)
+                if proc.returncode != 0:
+                    print(f"{name}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    results["rows"].append({"task": task, "method": method, "seed": seed, "error": proc.stderr.strip().splitlines()[-1:]})
+                    continue
+                row = {**summarise(task, method, run_dir), "seed": seed, "wall_seconds": round(wall, 1)}
+                results["rows"].append(row)
+                print(f"{name:24s} {row['metric']} {row['value']:.4f}  trained {row['trainable_pct']:.2f} %", flush=True)
+                write_json(results_path, results)
+    write_json(results_path, results)
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -229,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--quick", action="store_const", dest="profile", const="quick")
     group.add_argument("--full", action="store_const", dest="profile", const="full")
     group.add_argument("--curve", action="store_const", dest="profile", const="curve")
+    group.add_argument("--control", action="store_const", dest="profile", const="control",
+                       help="camel against random groups of its size, quick data, three seeds")
     parser.add_argument("--tasks", help=f"comma-separated (default: all of {','.join(TASKS)})")
     parser.add_argument("--methods", help=f"comma-separated (default: all of {','.join(METHODS)})")
     parser.add_argument("--seed", type=int, default=42)
@@ -239,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         if not DATA.is_dir():
             print(f"needs the shared data sets in {DATA}", file=sys.stderr)
             return 2
-        default_tasks, default_methods = (CURVE["tasks"], CURVE["methods"]) if profile == "curve" else (list(TASKS), METHODS)
+        default_tasks, default_methods = {"curve": (CURVE["tasks"], CURVE["methods"]),
+                                          "control": (CONTROL["tasks"], CONTROL["methods"])}.get(profile, (list(TASKS), METHODS))
         tasks = args.tasks.split(",") if args.tasks else default_tasks
         methods = args.methods.split(",") if args.methods else default_methods
         unknown = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in METHODS]
@@ -248,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         results_path = ROOT / "bench" / "results" / f"{profile}.json"
         if profile == "curve":
             run_curve(tasks, methods, results_path)
+        elif profile == "control":
+            run_control(tasks, results_path)
         else:
             run_profile(profile, tasks, methods, args.seed, results_path)
     from report import write_docs  # bench/report.py
