@@ -194,6 +194,9 @@ def curve_section(results: dict) -> list[str]:
                     cells.append(f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} ({len(values)})")
             lines.append(f"| {100 * fraction:g} % | {', '.join(f'{n:,}' for n in sizes)} | " + " | ".join(cells) + " |")
         lines.append("")
+    for rerun in results.get("reruns", []):
+        lines += [f"Part rerun (tasks {rerun['tasks']}, methods {rerun['methods']}, shares {rerun['fractions'] or 'all'}); "
+                  f"the rest ran on {rerun['machine']['date']}.", ""]
     lines += ["Interactive plot: [benchmarks-curve.html](benchmarks-curve.html).", ""]
     return lines
 

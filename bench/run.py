@@ -186,16 +186,19 @@ def train_size(task: str, seed: int) -> int:
     return len(load_task_data(DataConfig(**TASKS[task]["data"]), seed=seed).train)
 
 
-def run_curve(tasks: list[str], methods: list[str], results_path: Path) -> None:
+def run_curve(tasks: list[str], methods: list[str], results_path: Path, fractions: list[float] | None = None) -> None:
     runs_dir = ROOT / "bench" / "runs" / "curve"
     results = {"profile": "curve", "machine": machine(), "settings": {k: v for k, v in CURVE.items() if k != "epochs"},
                "epochs": {t: {str(f): e for f, e in v.items()} for t, v in CURVE["epochs"].items()}, "rows": []}
     if results_path.is_file():
         previous = json.loads(results_path.read_text())
-        results["rows"] = [r for r in previous["rows"] if not (r["task"] in tasks and r["method"] in methods)]
+        results["reruns"] = [*previous.get("reruns", []), {"machine": previous["machine"], "tasks": ",".join(tasks), "methods": ",".join(methods),
+                                                          "fractions": fractions}]
+        results["rows"] = [r for r in previous["rows"]
+                           if not (r["task"] in tasks and r["method"] in methods and (fractions is None or r["fraction"] in fractions))]
     for task in tasks:
         n = train_size(task, 42)
-        for fraction in CURVE["fractions"]:
+        for fraction in [f for f in CURVE["fractions"] if fractions is None or f in fractions]:
             for seed in CURVE["seeds"] if fraction < 1.0 else CURVE["seeds"][:1]:
                 for method in methods:
                     config = run_config(task, method, "full", runs_dir, seed)
@@ -262,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", help=f"comma-separated (default: all of {','.join(TASKS)})")
     parser.add_argument("--methods", help=f"comma-separated (default: all of {','.join(METHODS)})")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--fractions", help="--curve: comma-separated shares of the training data to (re)run")
     parser.add_argument("--report-only", action="store_true", help="rebuild docs from bench/results without training")
     args = parser.parse_args(argv)
     profile = args.profile or "quick"
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown task or method: {', '.join(unknown)} (tasks: {', '.join(TASKS)}; methods: {', '.join(METHODS)})")
         results_path = ROOT / "bench" / "results" / f"{profile}.json"
         if profile == "curve":
-            run_curve(tasks, methods, results_path)
+            run_curve(tasks, methods, results_path, [float(f) for f in args.fractions.split(",")] if args.fractions else None)
         elif profile == "control":
             run_control(tasks, results_path)
         else:

@@ -84,8 +84,8 @@ class MethodConfig:
     include: list[str] = field(default_factory=list)  # always trained (names or globs)
     exclude: list[str] = field(default_factory=list)  # never trained; wins over scores and include
     score_batches: int | None = None  # task batches the scorer sees; None: 2 % of an epoch's batches, 2 to 16
-    # depth floor: train no group below the highest layer whose groups still capture this share of the score the
-    # rule would capture without a floor (backward stops at the floor). None: 0.9 for rule auto, else off (1.0 = off)
+    # depth floor: the highest block at or above which the rule's own choice holds this share of its score; no group
+    # below it is trained (backward stops there). None: 0.95 for rule auto, else 1.0 (no floor)
     depth_keep: float | None = None
     # random_groups: random groups as large as this run's trained part (or `budget` when no run is given)
     match_run: str | None = None
@@ -204,7 +204,7 @@ class RunConfig:
             self.train.head_lr = max(self.train.learning_rate, 1e-3)
         self.train.metric = self.metric
         if self.method.name == "camel" and self.method.depth_keep is None:
-            self.method.depth_keep = 0.9 if self.method.rule == "auto" else 1.0
+            self.method.depth_keep = 0.95 if self.method.rule == "auto" else 1.0
 
     def validate(self) -> None:
         """Check values that types alone cannot; raise ConfigError naming the field."""

@@ -8,7 +8,7 @@ Rules (each records, for every group, whether it is in and why):
     budget      best-scored groups while their parameters fit in a fraction of the model.
     auto        p and a parameter budget from the task's measured complexity (below), then
                 cumulative under that budget.
-Depth floor (`depth_keep`, default 0.9 under auto): backward runs down to the lowest trained group, so
+Depth floor (`depth_keep`, default 0.95 under auto): backward runs down to the lowest trained group, so
 a tiny norm group in block 0 costs a backward pass through the whole body. The floor is the highest
 block at or above which the rule's own choice holds `depth_keep` of its score; groups below it are
 not trained (their reason says so), and the rule runs again above it to spend the budget they freed.

@@ -55,7 +55,7 @@ def test_depth_floor_is_on_for_auto_selection_only():
         config.resolve()
         return config.method.depth_keep
 
-    assert resolved({}) == 0.9
+    assert resolved({}) == 0.95
     assert resolved({"rule": "top_k", "top_k": 2}) == 1.0
     assert resolved({"depth_keep": 0.5}) == 0.5
 
