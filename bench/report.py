@@ -178,7 +178,8 @@ def curve_section(results: dict) -> list[str]:
              f"{s['seeds'][0]}. Cells: mean ± standard deviation of the validation metric (number of seeds). Epochs per "
              f"share: {json.dumps(results['epochs'])}; CoNLL is validated on a seeded 1,000-sentence subset of dev.txt.", ""]
     for task in dict.fromkeys(r["task"] for r in rows):
-        methods = list(dict.fromkeys(r["method"] for r in rows if r["task"] == task))
+        present = {r["method"] for r in rows if r["task"] == task}
+        methods = [m for m in s["methods"] if m in present] + sorted(present - set(s["methods"]))
         metric = next(r["metric"] for r in rows if r["task"] == task)
         lines += [f"### {task} ({metric})", "", "| share | examples | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
         for fraction in s["fractions"]:
