@@ -196,8 +196,8 @@ def curve_section(results: dict) -> list[str]:
             lines.append(f"| {100 * fraction:g} % | {', '.join(f'{n:,}' for n in sizes)} | " + " | ".join(cells) + " |")
         lines.append("")
     for rerun in results.get("reruns", []):
-        lines += [f"Part rerun (tasks {rerun['tasks']}, methods {rerun['methods']}, shares {rerun['fractions'] or 'all'}); "
-                  f"the rest ran on {rerun['machine']['date']}.", ""]
+        lines += [f"Rerun separately on {rerun['machine']['date']}: tasks {rerun['tasks']}, methods {rerun['methods']}, "
+                  f"shares {rerun['fractions'] or 'all'}.", ""]
     lines += ["Interactive plot: [benchmarks-curve.html](benchmarks-curve.html).", ""]
     return lines
 
@@ -241,7 +241,7 @@ def write_profile_plot(results: dict, path: Path) -> None:
             fig.add_trace(go.Scatter(x=[r[key] for r in task_rows], y=[r["value"] for r in task_rows], mode="markers+text",
                                      text=[r["method"] for r in task_rows], textposition="top center", showlegend=False), row=i, col=col)
     fig.update_layout(height=320 * len(tasks), width=1000, title=f"{results['profile']} profile, {results['machine']['date']}")
-    fig.write_html(path, include_plotlyjs="cdn")
+    fig.write_html(path, include_plotlyjs="cdn", div_id=path.stem)  # fixed id: same data, same file
 
 
 def write_curve_plot(results: dict, path: Path) -> None:
@@ -262,7 +262,7 @@ def write_curve_plot(results: dict, path: Path) -> None:
                                      mode="lines+markers"), row=1, col=col)
         fig.update_xaxes(type="log", title_text="% of training data", row=1, col=col)
     fig.update_layout(height=420, width=1000, title="Data efficiency (mean ± sd over seeds)")
-    fig.write_html(path, include_plotlyjs="cdn")
+    fig.write_html(path, include_plotlyjs="cdn", div_id=path.stem)  # fixed id: same data, same file
 
 
 if __name__ == "__main__":

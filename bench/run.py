@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))  # core, for train_size
 METHODS = ["camel", "random_groups", "full", "lora", "bitfit", "head", "last_n"]
 HEADLINE = {"conll": "entity_f1", "fpb": "macro_f1", "squad": "f1", "dialogue": "perplexity"}
 
@@ -145,6 +146,15 @@ def train_once(config: dict, runs_dir: Path, name: str) -> tuple[Path, subproces
     return run_dir, proc, time.perf_counter() - start
 
 
+def train_row(config: dict, runs_dir: Path, name: str, task: str, method: str, **extra) -> dict:
+    """Train one run and summarise it as a results row (or a row naming the error)."""
+    run_dir, proc, wall = train_once(config, runs_dir, name)
+    if proc.returncode != 0:
+        print(f"{name}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return {"task": task, "method": method, **extra, "error": proc.stderr.strip().splitlines()[-1:]}
+    return {**summarise(task, method, run_dir), **extra, "wall_seconds": round(wall, 1)}
+
+
 def run_profile(profile: str, tasks: list[str], methods: list[str], seed: int, results_path: Path) -> None:
     runs_dir = ROOT / "bench" / "runs" / profile
     results = {"profile": profile, "machine": machine(), "rows": []}
@@ -157,14 +167,10 @@ def run_profile(profile: str, tasks: list[str], methods: list[str], seed: int, r
         results["machine"] = previous["machine"]
     for task in tasks:
         for method in [m for m in methods if m in TASKS[task].get("methods", METHODS)]:
-            run_dir, proc, wall = train_once(run_config(task, method, profile, runs_dir, seed), runs_dir, f"{task}-{method}")
-            if proc.returncode != 0:
-                print(f"{task} {method}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
-                results["rows"].append({"task": task, "method": method, "error": proc.stderr.strip().splitlines()[-1:]})
-                continue
-            row = summarise(task, method, run_dir)
-            row["wall_seconds"] = round(wall, 1)
+            row = train_row(run_config(task, method, profile, runs_dir, seed), runs_dir, f"{task}-{method}", task, method)
             results["rows"].append(row)
+            if "error" in row:
+                continue
             print(f"{task:9s} {method:14s} {row['metric']} {row['value']:.4f}  trained {row['trainable_pct']:.2f} %  "
                   f"{row['seconds_per_epoch']:.1f} s/epoch  {row['peak_rss_mb']:.0f} MB", flush=True)
     order = {t: i for i, t in enumerate(TASKS)}
@@ -179,7 +185,6 @@ CURVE = {"tasks": ["conll", "fpb"], "methods": ["camel", "full", "lora"], "fract
 
 
 def train_size(task: str, seed: int) -> int:
-    sys.path.insert(0, str(ROOT))
     from core.config import DataConfig
     from core.data import load_task_data
 
@@ -192,8 +197,9 @@ def run_curve(tasks: list[str], methods: list[str], results_path: Path, fraction
                "epochs": {t: {str(f): e for f, e in v.items()} for t, v in CURVE["epochs"].items()}, "rows": []}
     if results_path.is_file():
         previous = json.loads(results_path.read_text())
-        results["reruns"] = [*previous.get("reruns", []), {"machine": previous["machine"], "tasks": ",".join(tasks), "methods": ",".join(methods),
+        results["reruns"] = [*previous.get("reruns", []), {"machine": results["machine"], "tasks": ",".join(tasks), "methods": ",".join(methods),
                                                           "fractions": fractions}]
+        results["machine"] = previous["machine"]
         results["rows"] = [r for r in previous["rows"]
                            if not (r["task"] in tasks and r["method"] in methods and (fractions is None or r["fraction"] in fractions))]
     for task in tasks:
@@ -208,15 +214,11 @@ def run_curve(tasks: list[str], methods: list[str], results_path: Path, fraction
                     if method == "random_groups":
                         config["method"]["match_run"] = f"{task}-{fraction}-{seed}-camel"
                     name = f"{task}-{fraction}-{seed}-{method}"
-                    run_dir, proc, wall = train_once(config, runs_dir, name)
-                    if proc.returncode != 0:
-                        print(f"{name}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
-                        results["rows"].append({"task": task, "method": method, "fraction": fraction, "seed": seed, "error": proc.stderr.strip().splitlines()[-1:]})
-                        continue
-                    row = {**summarise(task, method, run_dir), "fraction": fraction, "seed": seed, "wall_seconds": round(wall, 1)}
+                    row = train_row(config, runs_dir, name, task, method, fraction=fraction, seed=seed)
                     results["rows"].append(row)
-                    print(f"{name:28s} {row['metric']} {row['value']:.4f}  n={row['train_size']}  {wall:.0f} s", flush=True)
                     write_json(results_path, results)  # after every run: a long curve keeps what it has
+                    if "error" not in row:
+                        print(f"{name:28s} {row['metric']} {row['value']:.4f}  n={row['train_size']}  {row['wall_seconds']:.0f} s", flush=True)
     write_json(results_path, results)
 
 
@@ -235,15 +237,11 @@ def run_control(tasks: list[str], results_path: Path) -> None:
                 if method == "random_groups":
                     config["method"]["match_run"] = f"{task}-{seed}-camel"
                 name = f"{task}-{seed}-{method}"
-                run_dir, proc, wall = train_once(config, runs_dir, name)
-                if proc.returncode != 0:
-                    print(f"{name}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
-                    results["rows"].append({"task": task, "method": method, "seed": seed, "error": proc.stderr.strip().splitlines()[-1:]})
-                    continue
-                row = {**summarise(task, method, run_dir), "seed": seed, "wall_seconds": round(wall, 1)}
+                row = train_row(config, runs_dir, name, task, method, seed=seed)
                 results["rows"].append(row)
-                print(f"{name:24s} {row['metric']} {row['value']:.4f}  trained {row['trainable_pct']:.2f} %", flush=True)
                 write_json(results_path, results)
+                if "error" not in row:
+                    print(f"{name:24s} {row['metric']} {row['value']:.4f}  trained {row['trainable_pct']:.2f} %", flush=True)
     write_json(results_path, results)
 
 
@@ -282,7 +280,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown task or method: {', '.join(unknown)} (tasks: {', '.join(TASKS)}; methods: {', '.join(METHODS)})")
         results_path = ROOT / "bench" / "results" / f"{profile}.json"
         if profile == "curve":
-            run_curve(tasks, methods, results_path, [float(f) for f in args.fractions.split(",")] if args.fractions else None)
+            fractions = None
+            if args.fractions:
+                try:
+                    fractions = [float(f) for f in args.fractions.split(",")]
+                except ValueError:
+                    parser.error(f"--fractions: comma-separated numbers from {CURVE['fractions']}, got {args.fractions!r}")
+            run_curve(tasks, methods, results_path, fractions)
         elif profile == "control":
             run_control(tasks, results_path)
         else:

@@ -178,7 +178,7 @@ def select_groups(part: Partition, scores: Scores, cfg: MethodConfig, complexity
     decisions = run(None)
     keep = cfg.depth_keep if cfg.depth_keep is not None else 1.0
     if keep < 1.0 and ranked:
-        _, decisions, depth = _depth_floor(ranked, run, decisions, keep)
+        decisions, depth = _depth_floor(ranked, run, decisions, keep)
         settings.update(depth_keep=keep, **depth)
     for c, (selected, reason) in zip(ranked, decisions):
         c.selected, c.reason = selected, reason
@@ -242,7 +242,7 @@ def _depth_floor(ranked: list[Choice], run, unfloored: list[tuple[bool, str]], k
             break
     decisions = run(floor)
     captured = sum(c.normalized or 0.0 for c, (sel, _) in zip(ranked, decisions) if sel)
-    return floor, decisions, {"depth_floor": floor, "captured_without_floor": round(full, 4), "captured": round(captured, 4)}
+    return decisions, {"depth_floor": floor, "captured_without_floor": round(full, 4), "captured": round(captured, 4)}
 
 
 def select_random(part: Partition, target_params: int, seed: int, cfg: MethodConfig) -> Selection:
