@@ -4,7 +4,9 @@
     python bench/run.py --full           # whole training sets (hours on a CPU)
     python bench/run.py --quick --tasks fpb,conll --methods camel,full
     python bench/run.py --curve          # data efficiency: camel, full, LoRA at 5/20/100 % of the data
+    python bench/run.py --curve --tasks fpb --fractions 1.0 --seeds 7,13   # more seeds where one is the default
     python bench/run.py --control        # camel against random groups of its size, three seeds
+    python bench/run.py --control --fractions 0.2 --tasks conll   # the same on 20 % of the whole training set
     python bench/run.py --report-only    # rebuild docs/BENCHMARKS.md from bench/results/*.json
 
 Each run is `python -m core train` in its own process (so peak memory is per method), in the run
@@ -118,7 +120,7 @@ def summarise(task: str, method: str, run_dir: Path) -> dict:
         "seconds_per_epoch": tr["seconds_per_epoch"], "tokens_per_second": tr.get("tokens_per_second"),
         "fb_seconds_per_epoch": round(tr["forward_backward_seconds"] / epochs, 2) if "forward_backward_seconds" in tr else None,
         "train_flops_per_token": tr.get("train_flops_per_token"), "achieved_gflops": tr.get("achieved_gflops"),
-        "peak_rss_mb": tr["peak_rss_mb"], "delta_mb": round(tr["delta_bytes"] / 1e6, 2),
+        "train_peak_rss_mb": tr.get("train_peak_rss_mb"), "peak_rss_mb": tr["peak_rss_mb"], "delta_mb": round(tr["delta_bytes"] / 1e6, 2),
         "train_size": json.loads((run_dir / "data.json").read_text())["sizes"]["train"],
     }
     if "selection" in report:
@@ -172,7 +174,7 @@ def run_profile(profile: str, tasks: list[str], methods: list[str], seed: int, r
             if "error" in row:
                 continue
             print(f"{task:9s} {method:14s} {row['metric']} {row['value']:.4f}  trained {row['trainable_pct']:.2f} %  "
-                  f"{row['seconds_per_epoch']:.1f} s/epoch  {row['peak_rss_mb']:.0f} MB", flush=True)
+                  f"{row['seconds_per_epoch']:.1f} s/epoch  {row.get('train_peak_rss_mb') or row['peak_rss_mb']:.0f} MB", flush=True)
     order = {t: i for i, t in enumerate(TASKS)}
     results["rows"].sort(key=lambda r: (order.get(r["task"], 99), METHODS.index(r["method"]) if r["method"] in METHODS else 99))
     write_json(results_path, results)
@@ -191,21 +193,25 @@ def train_size(task: str, seed: int) -> int:
     return len(load_task_data(DataConfig(**TASKS[task]["data"]), seed=seed).train)
 
 
-def run_curve(tasks: list[str], methods: list[str], results_path: Path, fractions: list[float] | None = None) -> None:
+def run_curve(tasks: list[str], methods: list[str], results_path: Path, fractions: list[float] | None = None,
+              seeds: list[int] | None = None) -> None:
+    """`seeds` (default: three below 100 %, the first at 100 %) and `fractions` pick what to (re)run; the
+    results file keeps every other row."""
     runs_dir = ROOT / "bench" / "runs" / "curve"
     results = {"profile": "curve", "machine": machine(), "settings": {k: v for k, v in CURVE.items() if k != "epochs"},
                "epochs": {t: {str(f): e for f, e in v.items()} for t, v in CURVE["epochs"].items()}, "rows": []}
     if results_path.is_file():
         previous = json.loads(results_path.read_text())
         results["reruns"] = [*previous.get("reruns", []), {"machine": results["machine"], "tasks": ",".join(tasks), "methods": ",".join(methods),
-                                                          "fractions": fractions}]
+                                                          "fractions": fractions, "seeds": seeds}]
         results["machine"] = previous["machine"]
         results["rows"] = [r for r in previous["rows"]
-                           if not (r["task"] in tasks and r["method"] in methods and (fractions is None or r["fraction"] in fractions))]
+                           if not (r["task"] in tasks and r["method"] in methods and (fractions is None or r["fraction"] in fractions)
+                                   and (seeds is None or r["seed"] in seeds))]
     for task in tasks:
         n = train_size(task, 42)
         for fraction in [f for f in CURVE["fractions"] if fractions is None or f in fractions]:
-            for seed in CURVE["seeds"] if fraction < 1.0 else CURVE["seeds"][:1]:
+            for seed in seeds or (CURVE["seeds"] if fraction < 1.0 else CURVE["seeds"][:1]):
                 for method in methods:
                     config = run_config(task, method, "full", runs_dir, seed)
                     config["data"] = {**config["data"], **CURVE["eval"][task], "max_train_samples": max(16, round(fraction * n)) if fraction < 1 else None}
@@ -222,26 +228,41 @@ def run_curve(tasks: list[str], methods: list[str], results_path: Path, fraction
     write_json(results_path, results)
 
 
-# Does scoring matter? camel against random groups of the same size, quick-profile data, several seeds.
+# Does scoring matter? camel against random groups of the same size, several seeds: on quick-profile data,
+# or (--fractions) on shares of the whole training set with the curve's epochs and evaluation sets.
 CONTROL = {"tasks": ["conll", "fpb"], "methods": ["camel", "random_groups"], "seeds": [42, 7, 13]}
 
 
-def run_control(tasks: list[str], results_path: Path) -> None:
+def run_control(tasks: list[str], results_path: Path, fractions: list[float] | None = None, seeds: list[int] | None = None) -> None:
     runs_dir = ROOT / "bench" / "runs" / "control"
     results = {"profile": "control", "machine": machine(), "settings": CONTROL, "rows": []}
+    shares: list[str | float] = list(fractions) if fractions else ["quick"]
+    if results_path.is_file():  # rows of other tasks and shares are kept
+        previous = json.loads(results_path.read_text())
+        results["rows"] = [r for r in previous["rows"]
+                           if not (r["task"] in tasks and r.get("share", "quick") in shares and (seeds is None or r["seed"] in seeds))]
+        if results["rows"]:  # the table keeps the first run's machine and lists this one as a rerun
+            results["reruns"] = [*previous.get("reruns", []), {"machine": results["machine"], "tasks": ",".join(tasks), "shares": shares,
+                                                              "seeds": seeds}]
+            results["machine"] = previous["machine"]
     for task in tasks:
-        for seed in CONTROL["seeds"]:
-            for method in CONTROL["methods"]:
-                config = run_config(task, method, "quick", runs_dir, seed)
-                config["eval"].pop("forgetting_corpus", None)  # quality only here
-                if method == "random_groups":
-                    config["method"]["match_run"] = f"{task}-{seed}-camel"
-                name = f"{task}-{seed}-{method}"
-                row = train_row(config, runs_dir, name, task, method, seed=seed)
-                results["rows"].append(row)
-                write_json(results_path, results)
-                if "error" not in row:
-                    print(f"{name:24s} {row['metric']} {row['value']:.4f}  trained {row['trainable_pct']:.2f} %", flush=True)
+        n = train_size(task, 42) if fractions else 0
+        for share in shares:
+            for seed in seeds or CONTROL["seeds"]:
+                for method in CONTROL["methods"]:
+                    name = f"{task}-{share}-{seed}" if share != "quick" else f"{task}-{seed}"
+                    config = run_config(task, method, "quick" if share == "quick" else "full", runs_dir, seed)
+                    if share != "quick":
+                        config["data"] = {**config["data"], **CURVE["eval"][task], "max_train_samples": max(16, round(share * n))}
+                        config["train"]["epochs"] = CURVE["epochs"][task].get(share, CURVE["epochs"][task][0.2])
+                    config["eval"].pop("forgetting_corpus", None)  # quality only here
+                    if method == "random_groups":
+                        config["method"]["match_run"] = f"{name}-camel"
+                    row = train_row(config, runs_dir, f"{name}-{method}", task, method, seed=seed, share=share)
+                    results["rows"].append(row)
+                    write_json(results_path, results)
+                    if "error" not in row:
+                        print(f"{name:24s} {method:14s} {row['metric']} {row['value']:.4f}  trained {row['trainable_pct']:.2f} %", flush=True)
     write_json(results_path, results)
 
 
@@ -259,18 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--full", action="store_const", dest="profile", const="full")
     group.add_argument("--curve", action="store_const", dest="profile", const="curve")
     group.add_argument("--control", action="store_const", dest="profile", const="control",
-                       help="camel against random groups of its size, quick data, three seeds")
+                       help="camel against random groups of its size, three seeds (quick data, or --fractions)")
     parser.add_argument("--tasks", help=f"comma-separated (default: all of {','.join(TASKS)})")
     parser.add_argument("--methods", help=f"comma-separated (default: all of {','.join(METHODS)})")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--fractions", help="--curve: comma-separated shares of the training data to (re)run")
+    parser.add_argument("--seed", type=int, default=42, help="--quick / --full: the seed of every run")
+    parser.add_argument("--seeds", help="--curve / --control: comma-separated seeds to (re)run instead of the defaults")
+    parser.add_argument("--fractions", help="--curve: shares of the training data to (re)run; --control: shares of the whole training set "
+                        "to compare on instead of the quick subsets (e.g. 0.2)")
     parser.add_argument("--report-only", action="store_true", help="rebuild docs from bench/results without training")
     args = parser.parse_args(argv)
     profile = args.profile or "quick"
     if not args.report_only:
-        if not DATA.is_dir():
-            print(f"needs the shared data sets in {DATA}", file=sys.stderr)
-            return 2
         default_tasks, default_methods = {"curve": (CURVE["tasks"], CURVE["methods"]),
                                           "control": (CONTROL["tasks"], CONTROL["methods"])}.get(profile, (list(TASKS), METHODS))
         tasks = args.tasks.split(",") if args.tasks else default_tasks
@@ -278,17 +298,32 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in METHODS]
         if unknown:
             parser.error(f"unknown task or method: {', '.join(unknown)} (tasks: {', '.join(TASKS)}; methods: {', '.join(METHODS)})")
+        fractions = None
+        if args.fractions:
+            if profile not in ("curve", "control"):
+                parser.error("--fractions goes with --curve or --control")
+            try:
+                fractions = [float(f) for f in args.fractions.split(",")]
+            except ValueError:
+                fractions = []
+            if not fractions or not all(0 < f <= 1 for f in fractions):
+                parser.error(f"--fractions: comma-separated shares in (0, 1] (the curve's: {CURVE['fractions']}), got {args.fractions!r}")
+        seeds = None
+        if args.seeds:
+            if profile not in ("curve", "control"):
+                parser.error("--seeds goes with --curve or --control (--seed sets the seed of a profile)")
+            try:
+                seeds = [int(x) for x in args.seeds.split(",")]
+            except ValueError:
+                parser.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+        if not DATA.is_dir():
+            print(f"needs the shared data sets in {DATA}", file=sys.stderr)
+            return 2
         results_path = ROOT / "bench" / "results" / f"{profile}.json"
         if profile == "curve":
-            fractions = None
-            if args.fractions:
-                try:
-                    fractions = [float(f) for f in args.fractions.split(",")]
-                except ValueError:
-                    parser.error(f"--fractions: comma-separated numbers from {CURVE['fractions']}, got {args.fractions!r}")
-            run_curve(tasks, methods, results_path, fractions)
+            run_curve(tasks, methods, results_path, fractions, seeds)
         elif profile == "control":
-            run_control(tasks, results_path)
+            run_control(tasks, results_path, fractions, seeds)
         else:
             run_profile(profile, tasks, methods, args.seed, results_path)
     from report import write_docs  # bench/report.py

@@ -7,6 +7,7 @@ folder (status.json, metrics.jsonl), so it can be started as `python -m core tra
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -275,6 +276,11 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
     t_train = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.perf_counter() - t_train
+    train_peak_mb = peak_rss_mb()  # data, scoring and training: what training needed
+    # Optimizer state is not needed to evaluate: free it before evaluation allocates its own.
+    optimizer_params = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
+    trainer.optimizer, trainer.lr_scheduler = None, None
+    gc.collect()
     model = trainer.model
     model.eval()
 
@@ -305,10 +311,11 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
         "best_checkpoint_metric": trainer.state.best_metric,
         "learning_rate": config.learning_rate,
         "head_lr": config.train.head_lr,
-        "peak_rss_mb": peak_rss_mb(),
+        "train_peak_rss_mb": train_peak_mb,
+        "peak_rss_mb": peak_rss_mb(),  # the whole run, evaluation included
         **trainer.meter.report(),
         # What the optimizer held: equals the plan's trainable count (frozen tensors never enter it).
-        "optimizer_params": sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]),
+        "optimizer_params": optimizer_params,
         "delta_bytes": delta_bytes,
         "wall_seconds": round(time.perf_counter() - t0, 2),
     }
@@ -324,7 +331,7 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
     run.write_json("report.json", report)
     run.remove_checkpoints()
     run.set_status("completed", headline=headline, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   delta=DELTA_FILE, **{k: report["training"][k] for k in ("train_seconds", "peak_rss_mb", "delta_bytes")})
+                   delta=DELTA_FILE, **{k: report["training"][k] for k in ("train_seconds", "train_peak_rss_mb", "peak_rss_mb", "delta_bytes")})
     return RunResult(run, model, report)
 
 

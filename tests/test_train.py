@@ -55,6 +55,7 @@ def test_frozen_parameters_stay_bit_identical(tiny_bert, sentiment_csv, ner_conl
     plan = result.report["method"]
     assert result.report["training"]["optimizer_params"] == plan["trainable"] == sum(
         p.numel() for n, p in result.model.named_parameters() if n in trained_names)
+    assert 0 < result.report["training"]["train_peak_rss_mb"] <= result.report["training"]["peak_rss_mb"]
     if method == "bitfit":
         assert all(n.endswith(".bias") or n.startswith("classifier.") for n in trained_names)
     if method == "head":
