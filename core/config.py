@@ -84,6 +84,10 @@ class MethodConfig:
     include: list[str] = field(default_factory=list)  # always trained (names or globs)
     exclude: list[str] = field(default_factory=list)  # never trained; wins over scores and include
     score_batches: int | None = None  # task batches the scorer sees; None: 2 % of an epoch's batches, 2 to 16
+    # examples per forward/backward pass while scoring (gradients add up over the batch: same scores, less activation
+    # memory, one model-sized gradient buffer). None: 2 for dialogue (vocabulary-sized logits at every position), else
+    # the whole batch
+    score_micro_batch: int | None = None
     # depth floor: the highest block at or above which the rule's own choice holds this share of its score; no group
     # below it is trained (backward stops there). None: 0.95 for rule auto, else 1.0 (no floor)
     depth_keep: float | None = None
@@ -205,6 +209,8 @@ class RunConfig:
         self.train.metric = self.metric
         if self.method.name == "camel" and self.method.depth_keep is None:
             self.method.depth_keep = 0.95 if self.method.rule == "auto" else 1.0
+        if self.method.name == "camel" and self.method.score_micro_batch is None:
+            self.method.score_micro_batch = min(2, self.train.batch_size) if self.data.task == "dialogue" else self.train.batch_size
 
     def validate(self) -> None:
         """Check values that types alone cannot; raise ConfigError naming the field."""
@@ -254,6 +260,8 @@ class RunConfig:
             raise ConfigError("method.match_run", "random_groups needs a run to match in size (match_run) or a budget")
         if m.score_batches is not None:
             _positive("method.score_batches", m.score_batches)
+        if m.score_micro_batch is not None:
+            _positive("method.score_micro_batch", m.score_micro_batch)
         _positive("method.last_n", m.last_n)
         _positive("method.lora_r", m.lora_r)
         _positive("method.lora_alpha", m.lora_alpha)

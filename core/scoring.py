@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import GenerationMixin
 
 from core.errors import ConfigError
 from core.groups import Partition, inspect_model
@@ -71,9 +72,12 @@ def register(name: str):
 
 
 def score_groups(model: nn.Module, part: Partition, batches: list[dict[str, torch.Tensor]], scorer: str = "gradient",
-                 seed: int = 0, probe: bool = True) -> Scores:
+                 seed: int = 0, probe: bool = True, micro_batch: int | None = None) -> Scores:
     """Score every group of `part` on `batches` (dicts of model inputs with their targets).
-    `probe`: also fit the linear probe of frozen features (class-labelled tasks only)."""
+    `probe`: also fit the linear probe of frozen features (class-labelled tasks only).
+    `micro_batch`: gradient scorers run each batch in pieces of this many examples and add up their
+    gradients, so the scores are the whole batch's (to float rounding) at a fraction of the activation
+    memory, for one model-sized gradient buffer. None: whole batches."""
     if scorer not in SCORERS:
         raise ConfigError("method.scorer", f"{scorer!r} is not one of {', '.join(SCORERS)}")
     if not batches:
@@ -83,7 +87,8 @@ def score_groups(model: nn.Module, part: Partition, batches: list[dict[str, torc
     model.eval()  # no dropout: scores are reproducible
     features = _ProbeFeatures() if probe else None
     try:
-        raw, losses = SCORERS[scorer](model, part, batches, seed=seed, probe=features)
+        kwargs = {"micro_batch": micro_batch} if scorer in ("gradient", "gradient_density") else {}
+        raw, losses = SCORERS[scorer](model, part, batches, seed=seed, probe=features, **kwargs)
     finally:
         model.train(was_training)
     head = {g.name for g in part.groups if g.kind in ("head", "head_side")}
@@ -124,11 +129,13 @@ def normalize_per_layer(raw: dict[str, float | None], part: Partition) -> dict[s
 # ---- scorers ------------------------------------------------------------------------------------
 @register("gradient")
 def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed: int = 0,
-                   probe: _ProbeFeatures | None = None, per_parameter: bool = False) -> tuple[dict[str, float | None], list[float]]:
+                   probe: _ProbeFeatures | None = None, per_parameter: bool = False,
+                   micro_batch: int | None = None) -> tuple[dict[str, float | None], list[float]]:
     """Trace of each group's empirical diagonal Fisher (per parameter with `per_parameter`).
 
-    Each parameter's gradient is folded into its groups' sums as soon as backward has produced it,
-    then freed: scoring never holds a model-sized set of gradients or squared-gradient buffers."""
+    Each parameter's batch gradient is folded into its groups' sums as soon as backward has produced
+    it, then freed: whole batches never hold a model-sized set of gradients or squared-gradient
+    buffers. In `micro_batch` pieces, gradients accumulate until the batch's last piece, then fold."""
     params = dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
     takes: dict[str, list[tuple[str, int | None, torch.Tensor | None]]] = {n: [] for n in params}  # param -> (group, dim, idx)
@@ -137,9 +144,12 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
             dim, idx = g.slices[n] if g.slices else (None, None)
             takes[n].append((g.name, dim, None if idx is None else torch.tensor(idx, device=params[n].device)))
     totals = {g.name: torch.zeros((), dtype=torch.float64) for g in part.groups}
+    last_piece = [True]
 
     def fold(name: str):
         def hook(p: torch.Tensor) -> None:
+            if not last_piece[0]:
+                return  # the batch's gradient is still being added up
             sq = p.grad.detach().float() ** 2
             whole = None
             for group, dim, idx in takes[name]:
@@ -157,14 +167,22 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
         for n, p in params.items():
             p.requires_grad_(True)
             handles.append(p.register_post_accumulate_grad_hook(fold(n)))
+        causal = isinstance(model, GenerationMixin)
         for batch in batches:
             model.zero_grad(set_to_none=True)
-            out = model(**batch, output_hidden_states=probe is not None)
-            out.loss.backward()
-            losses.append(float(out.loss.detach()))
-            if probe is not None:
-                probe.add(out, batch)
+            pieces = split_batch(batch, micro_batch, causal)
+            loss = 0.0
+            for i, (piece, share) in enumerate(pieces):
+                last_piece[0] = i == len(pieces) - 1
+                out = model(**piece, output_hidden_states=probe is not None)
+                (out.loss * share).backward()
+                loss += share * float(out.loss.detach())
+                if probe is not None:
+                    probe.add(out, piece)
+                del out  # its logits are not needed while the next piece runs
+            losses.append(loss)
     finally:
+        last_piece[0] = True
         for h in handles:
             h.remove()
         model.zero_grad(set_to_none=True)
@@ -174,11 +192,37 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
             for g in part.groups}, losses
 
 
+def split_batch(batch: dict[str, torch.Tensor], size: int | None, causal: bool) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """A collated batch in pieces of at most `size` examples, each with its share of the batch's loss.
+
+    Models average their loss over loss terms: examples (sequence classification, QA) or labelled
+    tokens (token classification; causal LMs after shifting the labels by one). A piece's share is
+    its count of those terms, so the shares' weighted sum of piece losses is the batch's loss."""
+    n = int(batch["input_ids"].shape[0])
+    if not size or size >= n:
+        return [(batch, 1.0)]
+    pieces = [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+    terms = [_loss_terms(piece, causal) for piece in pieces]
+    total = sum(terms)
+    if total == 0:
+        return [(batch, 1.0)]
+    return [(piece, t / total) for piece, t in zip(pieces, terms) if t > 0]  # no terms: no loss, no gradient
+
+
+def _loss_terms(batch: dict[str, torch.Tensor], causal: bool) -> int:
+    labels = batch.get("labels")
+    if labels is None or labels.dim() == 1:
+        return int(batch["input_ids"].shape[0])
+    if causal:
+        labels = labels[:, 1:]
+    return int((labels != -100).sum())
+
+
 @register("gradient_density")
 def score_gradient_density(model: nn.Module, part: Partition, batches: list[dict], seed: int = 0,
-                           probe: _ProbeFeatures | None = None) -> tuple[dict[str, float | None], list[float]]:
+                           probe: _ProbeFeatures | None = None, micro_batch: int | None = None) -> tuple[dict[str, float | None], list[float]]:
     """Mean squared gradient per parameter of each group."""
-    return score_gradient(model, part, batches, seed, probe, per_parameter=True)
+    return score_gradient(model, part, batches, seed, probe, per_parameter=True, micro_batch=micro_batch)
 
 
 @register("activation")

@@ -95,7 +95,7 @@ def prepare(config: RunConfig, saved_selection: list[str] | None = None) -> Prep
         chosen = saved_selection
     elif m.name == "camel":
         scores = score_groups(model, part, batches, m.scorer, seed=config.train.seed,
-                              probe=config.data.task in ("classification", "ner"))
+                              probe=config.data.task in ("classification", "ner"), micro_batch=m.score_micro_batch)
         mean_length = float(np.mean([float(b["attention_mask"].sum(1).float().mean()) for b in batches]))
         complexity = measure_complexity(data.labels or [f"position {i}" for i in range(config.data.max_length)],
                                         label_counts(config.data.task, data.train), len(data.train),

@@ -31,6 +31,7 @@ def test_config_round_trips(tmp_path, suffix):
         ({"run_id": "../etc"}, r"'run_id': '../etc' is not a valid run id"),
         ({"model": "minilm"}, r"'model': expected a mapping"),
         ({"method": {"depth_keep": 1.5}}, r"'method.depth_keep': a share of the selection's score in \(0, 1\]"),
+        ({"method": {"score_micro_batch": 0}}, r"'method.score_micro_batch': must be > 0"),
         ({"method": {"select": "layer.1, layer.2"}}, None),
     ],
 )
@@ -58,6 +59,17 @@ def test_depth_floor_is_on_for_auto_selection_only():
     assert resolved({}) == 0.95
     assert resolved({"rule": "top_k", "top_k": 2}) == 1.0
     assert resolved({"depth_keep": 0.5}) == 0.5
+
+
+def test_scoring_runs_dialogue_in_pieces_of_two_by_default():
+    def resolved(data: dict, method: dict | None = None) -> int | None:
+        config = RunConfig.from_dict({"data": data, "method": method or {}, "train": {"batch_size": 8}})
+        config.resolve()
+        return config.method.score_micro_batch
+
+    assert resolved({"task": "dialogue"}) == 2
+    assert resolved({"task": "ner"}) == 8  # whole batches
+    assert resolved({"task": "dialogue"}, {"score_micro_batch": 4}) == 4
 
 
 def test_method_default_learning_rates():

@@ -206,3 +206,44 @@ def test_random_groups_match_a_camel_run_in_size(tiny_bert, sentiment_csv, tmp_p
     assert rnd.run.read_json("selection.json")["rule"] == "random"
     assert rnd.report["method"]["trainable"] <= target
     assert rnd.report["method"]["trainable"] >= 0.5 * target
+
+
+def _micro_batch_cases(llama_config):
+    from transformers import BertForQuestionAnswering, BertForTokenClassification, LlamaForCausalLM
+
+    gen = torch.Generator().manual_seed(1)
+    bert = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      max_position_embeddings=32, num_labels=3)
+    ids = torch.randint(5, 50, (5, 10), generator=gen)
+    mask = torch.ones(5, 10, dtype=torch.long)
+    mask[3:, 7:] = 0  # padded rows
+    tags = torch.randint(0, 3, (5, 10), generator=gen)
+    tags[mask == 0] = -100
+    tags[:, 0] = -100
+    tags[0, :] = -100  # an example without labelled tokens
+    lm_labels = torch.randint(1, 64, (5, 10), generator=gen)
+    lm_labels[:, :4] = -100  # the prompt
+    lm_labels[1, :] = -100
+    torch.manual_seed(0)
+    return [
+        (BertForSequenceClassification(bert), {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (5,), generator=gen)}),
+        (BertForTokenClassification(bert), {"input_ids": ids, "attention_mask": mask, "labels": tags}),
+        (BertForQuestionAnswering(BertConfig(**{**bert.to_dict(), "num_labels": 2})), {"input_ids": ids, "attention_mask": mask, "start_positions": torch.tensor([0, 2, 3, 1, 5]),
+                                          "end_positions": torch.tensor([0, 4, 3, 2, 6])}),
+        (LlamaForCausalLM(llama_config), {"input_ids": ids, "attention_mask": mask, "labels": lm_labels}),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["classification", "ner", "qa", "causal_lm"])
+def test_scoring_in_micro_batches_gives_the_whole_batch_scores(case, tiny_llama_config):
+    net, batch = _micro_batch_cases(tiny_llama_config)[case]
+    part = partition(net, "ffn_clusters", {"experts": 4})
+    whole = score_groups(net, part, [batch], "gradient", probe=False)
+    for size in (1, 2):
+        pieces = score_groups(net, part, [batch], "gradient", probe=False, micro_batch=size)
+        assert pieces.head_loss == pytest.approx(whole.head_loss, rel=1e-5)
+        for name, value in whole.raw.items():
+            assert (pieces.raw[name] is None) == (value is None)
+            if value is not None:
+                assert pieces.raw[name] == pytest.approx(value, rel=1e-4, abs=1e-12), name
+    assert all(p.grad is None and p.requires_grad for p in net.parameters())
