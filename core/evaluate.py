@@ -151,13 +151,20 @@ def qa_metrics(predictions: list[str], golds: list[list[str]]) -> dict[str, Any]
 
 
 # ---- language models: response loss, forgetting, generation scores ------------------------------
+LOGITS_PER_PASS = 2**25  # vocabulary x positions per forward pass: 128 MB of fp32 logits
+
+
 def language_model_loss(model, rows: list[dict], collate, batch_size: int = 16) -> tuple[float, int]:
     """Mean next-token loss over every labelled token (token-weighted, unlike a mean of batch means),
-    and the number of those tokens."""
+    and the number of those tokens. Passes hold at most `batch_size` rows and LOGITS_PER_PASS logits
+    (a 49k vocabulary makes each position's logits larger than the model's activations)."""
     import torch
 
     total, count = 0.0, 0
     device = next(model.parameters()).device
+    longest = max((len(r["input_ids"]) for r in rows), default=1)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1
+    batch_size = max(1, min(batch_size, LOGITS_PER_PASS // (longest * vocab)))
     was_training = model.training
     model.eval()
     with torch.inference_mode():

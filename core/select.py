@@ -12,7 +12,8 @@ Depth floor (`depth_keep`, default 0.95 under auto): backward runs down to the l
 a tiny norm group in block 0 costs a backward pass through the whole body. The floor is the highest
 block at or above which the rule's own choice holds `depth_keep` of its score; groups below it are
 not trained (their reason says so), and the rule runs again above it to spend the budget they freed.
-Manual `include` / `exclude` (names or globs) apply on top; exclusion wins over everything. The task
+Manual `include` / `exclude` (names or globs): excluded groups are out before the rule runs (its budget
+and threshold go to the other groups) and exclusion wins over everything; included groups are added on top. The task
 head is always in, and so are the body parts between the last block and the head (pooler, final
 norm: see core/scoring.py), unless excluded by name.
 
@@ -168,7 +169,11 @@ def select_groups(part: Partition, scores: Scores, cfg: MethodConfig, complexity
         norm = scores.normalized
     choices = _rank(part, scores.raw, norm)
     by_name = {c.name: c for c in choices}
-    ranked = [c for c in choices if c.rank is not None]
+    excluded = _matching(part, cfg.exclude, "method.exclude")
+    if any(by_name[name].kind == "head" for name in excluded):
+        raise ConfigError("method.exclude", "the task head is always trained; it cannot be excluded")
+    # Excluded groups are out before the rule runs: the budget and the score threshold go to the others.
+    ranked = [c for c in choices if c.rank is not None and c.name not in excluded]
     limit = budget * part.total_params if budget is not None else math.inf
     used = sum(c.size for c in choices if c.selected)  # head and head-side parts
 
@@ -186,9 +191,7 @@ def select_groups(part: Partition, scores: Scores, cfg: MethodConfig, complexity
     for name in _matching(part, cfg.include, "method.include"):
         if not by_name[name].selected:
             by_name[name].selected, by_name[name].reason = True, "included by the user"
-    for name in _matching(part, cfg.exclude, "method.exclude"):
-        if by_name[name].kind == "head":
-            raise ConfigError("method.exclude", "the task head is always trained; it cannot be excluded")
+    for name in excluded:
         by_name[name].selected, by_name[name].reason = False, "excluded by the user"
     return Selection(rule if cfg.rule != "auto" else "auto", settings, choices, part.total_params, complexity,
                      scores.to_dict())

@@ -142,3 +142,21 @@ def test_summarisation_and_translation_as_instruction_response(tiny_llama, tmp_p
     scores = report["validation"]["generation"]
     assert set(scores) == ({"rouge1", "rouge2", "rougeL"} if metrics == ["rouge"] else {"chrf", "bleu"})
     assert all(0.0 <= v <= 100.0 for v in scores.values())
+
+
+def test_language_model_loss_is_the_same_in_smaller_passes(tiny_llama, monkeypatch):
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, LlamaForCausalLM
+
+    import core.evaluate as ev
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = LlamaForCausalLM.from_pretrained(tiny_llama)
+    texts = ["hello there how are you", "the order is late", "i want a refund please now", "thanks"]
+    rows = []
+    for i, t in enumerate(texts):
+        ids = tok(t)["input_ids"]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * min(i, len(ids) - 1) + ids[min(i, len(ids) - 1):]})
+    collate = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True)
+    whole = ev.language_model_loss(model, rows, collate, batch_size=4)
+    monkeypatch.setattr(ev, "LOGITS_PER_PASS", 1)  # one row per pass
+    assert ev.language_model_loss(model, rows, collate, batch_size=4) == (pytest.approx(whole[0], rel=1e-5), whole[1])

@@ -60,6 +60,21 @@ def test_groups_feeding_the_head_are_trained_with_it_unscored(model, batches):
     assert {"pooler", "head"} <= set(sel.selected) and len(sel.selected) == 3
 
 
+def test_excluded_groups_leave_the_budget_and_threshold_to_the_others(model):
+    part = partition(model, "ffn_clusters", {"experts": 4})
+    names = [g.name for g in part.groups if g.kind not in ("head", "head_side")]
+    values = {n: (100.0 if n.endswith("attention") else 1.0) for n in names}  # attention would fill the budget
+    budget = 0.2
+    sel = select_groups(part, fake_scores(part, values), method(rule="budget", budget=budget, exclude=["layer.*.attention"]))
+    chosen = [c for c in sel.choices if c.selected and c.kind not in ("head", "head_side")]
+    assert chosen and not any(c.name.endswith("attention") for c in chosen)
+    left = [c for c in sel.choices if not c.selected and not c.name.endswith("attention") and c.kind not in ("head", "head_side")]
+    used = sum(c.size for c in sel.choices if c.selected)
+    assert all(used + c.size > budget * part.total_params for c in left)  # nothing else would have fit
+    p_sel = select_groups(part, fake_scores(part, values), method(rule="cumulative", p=0.5, exclude=["layer.*.attention"]))
+    assert sum(1 for c in p_sel.choices if c.selected and c.kind == "expert") >= 2  # p is reached on the eligible groups
+
+
 def test_tiny_p_selects_only_the_top_group(layer_part):
     scores = fake_scores(layer_part, {"embeddings": 1, "layer.0": 2, "layer.1": 30})
     sel = select_groups(layer_part, scores, method(rule="cumulative", p=0.01))
@@ -71,7 +86,7 @@ def test_tiny_p_selects_only_the_top_group(layer_part):
 
 def test_manual_exclusion_wins_over_scores_and_include_adds(layer_part):
     scores = fake_scores(layer_part, {"embeddings": 1, "layer.0": 2, "layer.1": 30})
-    sel = select_groups(layer_part, scores, method(rule="cumulative", p=0.5, exclude=["layer.1"], include=["embeddings"]))
+    sel = select_groups(layer_part, scores, method(rule="cumulative", p=0.05, exclude=["layer.1"], include=["embeddings"]))
     by = {c.name: c for c in sel.choices}
     assert not by["layer.1"].selected and by["layer.1"].reason == "excluded by the user"
     assert by["embeddings"].selected and by["embeddings"].reason == "included by the user"
