@@ -88,6 +88,9 @@ class MethodConfig:
     # memory, one model-sized gradient buffer). None: 2 for dialogue (vocabulary-sized logits at every position), else
     # the whole batch
     score_micro_batch: int | None = None
+    # head-only training steps on the scoring batches before scoring (the head is restored after): scores read under a
+    # head that already knows the task rather than a random one. 0: score under the new head
+    score_warmup: int = 0
     # depth floor: the highest block at or above which the rule's own choice holds this share of its score; no group
     # below it is trained (backward stops there). None: 0.95 for rule auto, else 1.0 (no floor)
     depth_keep: float | None = None
@@ -262,6 +265,8 @@ class RunConfig:
             _positive("method.score_batches", m.score_batches)
         if m.score_micro_batch is not None:
             _positive("method.score_micro_batch", m.score_micro_batch)
+        if m.score_warmup < 0:
+            raise ConfigError("method.score_warmup", f"a number of steps >= 0, got {m.score_warmup}")
         _positive("method.last_n", m.last_n)
         _positive("method.lora_r", m.lora_r)
         _positive("method.lora_alpha", m.lora_alpha)

@@ -26,6 +26,7 @@ probe of the frozen model's features (how much of the task a read-out alone alre
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -105,6 +106,42 @@ def score_groups(model: nn.Module, part: Partition, batches: list[dict[str, torc
         head_loss=float(np.mean(losses)) if losses else float("nan"),
         probe=features.fit(seed) if features is not None else {},
     )
+
+
+@contextlib.contextmanager
+def head_warmed(model: nn.Module, part: Partition, batches: list[dict], steps: int, lr: float = 1e-3, seed: int = 0):
+    """Train only the task head (and what feeds it) for `steps` steps on `batches`, for scoring under a
+    head that already reads the task instead of a random one; the head's weights, every parameter's
+    requires_grad and the model's mode are restored on exit, so training starts from the same head."""
+    if steps <= 0:
+        yield
+        return
+    params = dict(model.named_parameters())
+    head = [params[n] for g in part.groups if g.kind in ("head", "head_side") for n in g.params if n in params]
+    saved = [p.detach().clone() for p in head]
+    flags = {n: p.requires_grad for n, p in params.items()}
+    was_training = model.training
+    try:
+        for p in params.values():
+            p.requires_grad_(False)
+        for p in head:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(head, lr=lr)
+        torch.manual_seed(seed)  # dropout
+        model.train()
+        for step in range(steps):
+            model(**batches[step % len(batches)]).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(head, saved):
+                p.copy_(value)
+                p.grad = None
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
 
 
 def normalize(raw: dict[str, float | None]) -> dict[str, float]:

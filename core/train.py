@@ -42,7 +42,7 @@ from core.groups import Partition, partition
 from core.methods import Plan, apply_method
 from core.models import load_task_model, load_tokenizer
 from core.runs import Run, create_run, open_run
-from core.scoring import score_groups
+from core.scoring import head_warmed, score_groups
 from core.select import Selection, measure_complexity, select_groups, select_random
 from core.tasks import evaluate_task, prediction_records, task_for
 
@@ -94,8 +94,9 @@ def prepare(config: RunConfig, saved_selection: list[str] | None = None) -> Prep
     if saved_selection is not None:
         chosen = saved_selection
     elif m.name == "camel":
-        scores = score_groups(model, part, batches, m.scorer, seed=config.train.seed,
-                              probe=config.data.task in ("classification", "ner"), micro_batch=m.score_micro_batch)
+        with head_warmed(model, part, batches, m.score_warmup, lr=config.train.head_lr, seed=config.train.seed):
+            scores = score_groups(model, part, batches, m.scorer, seed=config.train.seed,
+                                  probe=config.data.task in ("classification", "ner"), micro_batch=m.score_micro_batch)
         mean_length = float(np.mean([float(b["attention_mask"].sum(1).float().mean()) for b in batches]))
         complexity = measure_complexity(data.labels or [f"position {i}" for i in range(config.data.max_length)],
                                         label_counts(config.data.task, data.train), len(data.train),

@@ -262,3 +262,18 @@ def test_scoring_in_micro_batches_gives_the_whole_batch_scores(case, tiny_llama_
             if value is not None:
                 assert pieces.raw[name] == pytest.approx(value, rel=1e-4, abs=1e-12), name
     assert all(p.grad is None and p.requires_grad for p in net.parameters())
+
+
+def test_head_warmup_changes_the_scores_and_restores_the_head(model, batches):
+    from core.scoring import head_warmed
+
+    part = partition(model, "layer")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cold = score_groups(model, part, batches, "gradient", probe=False)
+    model.eval()
+    with head_warmed(model, part, batches, steps=20, lr=1e-2):
+        warm = score_groups(model, part, batches, "gradient", probe=False)
+        assert not torch.equal(model.classifier.weight, before["classifier.weight"])  # the head did learn
+    assert warm.head_loss < cold.head_loss and warm.raw != cold.raw
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # every weight as it was
+    assert all(p.requires_grad and p.grad is None for p in model.parameters()) and not model.training
