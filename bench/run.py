@@ -193,6 +193,14 @@ def train_size(task: str, seed: int) -> int:
     return len(load_task_data(DataConfig(**TASKS[task]["data"]), seed=seed).train)
 
 
+def share_config(task: str, method: str, runs_dir: Path, seed: int, share: float, n: int) -> dict:
+    """A run on `share` of the whole training set (`n` examples), with the curve's epochs and evaluation set."""
+    config = run_config(task, method, "full", runs_dir, seed)
+    config["data"] = {**config["data"], **CURVE["eval"][task], "max_train_samples": max(16, round(share * n)) if share < 1 else None}
+    config["train"]["epochs"] = CURVE["epochs"][task].get(share, CURVE["epochs"][task][0.2])  # other shares: as at 20 %
+    return config
+
+
 def run_curve(tasks: list[str], methods: list[str], results_path: Path, fractions: list[float] | None = None,
               seeds: list[int] | None = None) -> None:
     """`seeds` (default: three below 100 %, the first at 100 %) and `fractions` pick what to (re)run; the
@@ -213,9 +221,7 @@ def run_curve(tasks: list[str], methods: list[str], results_path: Path, fraction
         for fraction in [f for f in CURVE["fractions"] if fractions is None or f in fractions]:
             for seed in seeds or (CURVE["seeds"] if fraction < 1.0 else CURVE["seeds"][:1]):
                 for method in methods:
-                    config = run_config(task, method, "full", runs_dir, seed)
-                    config["data"] = {**config["data"], **CURVE["eval"][task], "max_train_samples": max(16, round(fraction * n)) if fraction < 1 else None}
-                    config["train"]["epochs"] = CURVE["epochs"][task][fraction]
+                    config = share_config(task, method, runs_dir, seed, fraction, n)
                     config["eval"].pop("forgetting_corpus", None)  # quality only here
                     if method == "random_groups":
                         config["method"]["match_run"] = f"{task}-{fraction}-{seed}-camel"
@@ -251,10 +257,8 @@ def run_control(tasks: list[str], results_path: Path, fractions: list[float] | N
             for seed in seeds or CONTROL["seeds"]:
                 for method in CONTROL["methods"]:
                     name = f"{task}-{share}-{seed}" if share != "quick" else f"{task}-{seed}"
-                    config = run_config(task, method, "quick" if share == "quick" else "full", runs_dir, seed)
-                    if share != "quick":
-                        config["data"] = {**config["data"], **CURVE["eval"][task], "max_train_samples": max(16, round(share * n))}
-                        config["train"]["epochs"] = CURVE["epochs"][task].get(share, CURVE["epochs"][task][0.2])
+                    config = (run_config(task, method, "quick", runs_dir, seed) if share == "quick"
+                              else share_config(task, method, runs_dir, seed, share, n))
                     config["eval"].pop("forgetting_corpus", None)  # quality only here
                     if method == "random_groups":
                         config["method"]["match_run"] = f"{name}-camel"
@@ -271,6 +275,21 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+def list_argument(parser: argparse.ArgumentParser, flag: str, value: str | None, profile: str, convert, valid, expected: str):
+    """A comma-separated --curve / --control option as a list (None when not given); argparse errors otherwise."""
+    if value is None:
+        return None
+    if profile not in ("curve", "control"):
+        parser.error(f"{flag} goes with --curve or --control" + (" (--seed sets the seed of a profile)" if flag == "--seeds" else ""))
+    try:
+        items = [convert(x) for x in value.split(",")]
+    except ValueError:
+        items = []
+    if not items or not all(valid(x) for x in items):
+        parser.error(f"{flag}: {expected}, got {value!r}")
+    return items
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,24 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in METHODS]
         if unknown:
             parser.error(f"unknown task or method: {', '.join(unknown)} (tasks: {', '.join(TASKS)}; methods: {', '.join(METHODS)})")
-        fractions = None
-        if args.fractions:
-            if profile not in ("curve", "control"):
-                parser.error("--fractions goes with --curve or --control")
-            try:
-                fractions = [float(f) for f in args.fractions.split(",")]
-            except ValueError:
-                fractions = []
-            if not fractions or not all(0 < f <= 1 for f in fractions):
-                parser.error(f"--fractions: comma-separated shares in (0, 1] (the curve's: {CURVE['fractions']}), got {args.fractions!r}")
-        seeds = None
-        if args.seeds:
-            if profile not in ("curve", "control"):
-                parser.error("--seeds goes with --curve or --control (--seed sets the seed of a profile)")
-            try:
-                seeds = [int(x) for x in args.seeds.split(",")]
-            except ValueError:
-                parser.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+        fractions = list_argument(parser, "--fractions", args.fractions, profile, float, lambda f: 0 < f <= 1,
+                                  f"comma-separated shares in (0, 1] (the curve's: {CURVE['fractions']})")
+        seeds = list_argument(parser, "--seeds", args.seeds, profile, int, lambda _: True, "comma-separated integers")
         if not DATA.is_dir():
             print(f"needs the shared data sets in {DATA}", file=sys.stderr)
             return 2
