@@ -235,7 +235,7 @@ def control_section(results: dict) -> list[str]:
         spread = f" ± {statistics.stdev(diffs):.4f}" if len(diffs) > 1 else ""
         metric = next(r["metric"] for r in rows if r["task"] == task)
         sizes = sorted({v["camel"]["train_size"] for v in by_seed.values() if "camel" in v})
-        data = f"quick ({', '.join(f'{n:,}' for n in sizes)})" if share == "quick" else f"{100 * share:g} % ({', '.join(f'{n:,}' for n in sizes)})"
+        data = f"{'quick' if share == 'quick' else f'{100 * share:g} %'} ({', '.join(f'{n:,}' for n in sizes)})"
         lines.append(f"| {task} | {data} | {metric} | {statistics.mean(camel):.4f} | {statistics.mean(rand):.4f} | "
                      f"{', '.join(f'{d:+.4f}' for d in diffs)} | {statistics.mean(diffs):+.4f}{spread} |")
     lines.append("")
