@@ -3,7 +3,7 @@
     python bench/profile_step.py --config bench/runs/quick/conll-camel.json [--steps 10] [--method full]
 
 Prepares the run exactly as `python -m core train` does (scoring and selection included), then times
-`--steps` optimizer steps (forward, backward, optimizer, the slice restore) on real training batches after
+`--steps` optimizer steps (forward, backward, optimizer) on real training batches after
 two warm-up steps, and prints the profiler's table of the most expensive operators plus the split of the
 step into phases. Nothing is written to a run folder.
 """
@@ -56,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         with record_function("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if plan.slice_mask is not None:
-                plan.slice_mask.restore()
         times["optimizer"] = time.perf_counter() - mark
         return times
 

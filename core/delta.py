@@ -24,38 +24,25 @@ DELTA_FILE = "delta.safetensors"
 INDEX = "@index"
 
 
-def trained_state(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The trained tensors; those with a slice mask (True = trained entry) as their trained slices."""
+def trained_state(model: nn.Module, slices: dict[str, tuple[int, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """The trained tensors: those with `requires_grad` whole, those in `slices` (name -> (dim, indices
+    of the trained entries), FFN experts) as their trained slices plus the indices."""
+    slices = slices or {}
     state = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        value = param.detach().cpu()
-        mask = masks.get(name) if masks else None
-        sliced = _as_slices(mask.cpu()) if mask is not None else None
-        if sliced is None:
-            state[name] = value.contiguous()
-        else:
-            dim, index = sliced
-            state[name] = value.index_select(dim, index).contiguous()
+        if name in slices:
+            dim, index = slices[name]
+            index = index.cpu()
+            state[name] = param.detach().cpu().index_select(dim, index).contiguous()
             state[f"{name}{INDEX}{dim}"] = index
+        elif param.requires_grad:
+            state[name] = param.detach().cpu().contiguous()
     return state
 
 
-def _as_slices(mask: torch.Tensor) -> tuple[int, torch.Tensor] | None:
-    """(dim, indices) when the mask is exactly whole rows (dim 0) or whole columns (dim 1), else None."""
-    for dim in range(mask.dim()):
-        other = [d for d in range(mask.dim()) if d != dim]
-        picked = mask.any(dim=other) if other else mask
-        index = torch.nonzero(picked).flatten()
-        if torch.equal(mask, picked.view([-1 if d == dim else 1 for d in range(mask.dim())]).expand_as(mask)):
-            return dim, index
-    return None
-
-
-def save_delta(model: nn.Module, run: Run, method: str, masks: dict[str, torch.Tensor] | None = None) -> int:
+def save_delta(model: nn.Module, run: Run, method: str, slices: dict[str, tuple[int, torch.Tensor]] | None = None) -> int:
     """Write the trained tensors of `model` to the run (slices of sliced ones); return the file size in bytes."""
-    state = trained_state(model, masks)
+    state = trained_state(model, slices)
     if not run.writer:  # another process (rank 0) writes it
         return sum(t.numel() * t.element_size() for t in state.values())
     atomic_write(run.file(DELTA_FILE), lambda tmp: save_file(state, tmp, metadata={"run_id": run.id, "method": method}))

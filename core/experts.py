@@ -9,9 +9,12 @@ Clustering: balanced k-means (every expert gets I/E neurons, the remainder sprea
 the neurons' input-weight rows ("weights"), or over their activation patterns on a sample of task
 tokens ("coactivation"). Deterministic for a seed.
 
-Training a slice: `SliceMask` zeroes the gradient outside selected slices (so Adam's moments stay
-exactly zero there) and, after every optimizer step, writes the frozen entries back: decoupled
-weight decay (AdamW decays every tensor it holds) can therefore never move them.
+Training a slice: `slice_linears` swaps each partly trained linear for a `SlicedLinear`, which keeps
+the original weight frozen and trains a separate parameter holding just the selected rows (input
+linears: weight rows and bias entries) or columns (output linear). Its backward computes the weight
+gradient of those rows or columns only: no full-weight gradient is materialised, the optimizer's
+state covers the slices alone, and the frozen entries are never written (they stay bit-identical
+whatever the optimizer does). `SliceSet.merge()` writes the trained slices back into plain linears.
 """
 
 from __future__ import annotations
@@ -121,50 +124,134 @@ def balanced_kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 20) -> 
     return [sorted(torch.nonzero(assign == c).flatten().tolist()) for c in range(k)]
 
 
-class SliceMask:
-    """Train only some slices of some tensors; keep every other entry bit-identical.
+class _SlicedLinearFn(torch.autograd.Function):
+    """y = x W^T + b for a `weight` that already holds `w_slice` at `index` along `dim`.
 
-    `masks`: parameter name -> bool tensor of the parameter's shape (True = trainable entry).
-    Installing registers gradient hooks; call `restore()` after each optimizer step.
-    """
+    Backward: the input gradient through the whole weight; the weight gradient of the slice only
+    (dim 0: rows, k x in; dim 1: columns, out x k); bias gradients for a bias trained whole and for a
+    sliced one (`b_slice`: the entries at `index`)."""
 
-    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
-        params = dict(model.named_parameters())
-        self.params = {n: params[n] for n in masks}
-        self.masks = {n: m.to(params[n].device) for n, m in masks.items()}
-        self.frozen = {n: params[n].detach().clone() for n in masks}  # values the masked entries keep
-        for p in self.params.values():
-            p.requires_grad_(True)
-        self.handles = [p.register_hook(_mask_grad(self.masks[n])) for n, p in self.params.items()]
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias, w_slice, b_slice, index, dim):
+        ctx.save_for_backward(x, index)
+        # Not a saved tensor: SlicedLinear rewrites the trained entries in place before every call
+        # (the same values until the optimizer steps, which happens after backward).
+        ctx.weight, ctx.dim = weight, dim
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad):
+        x, index = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_x = grad @ ctx.weight if need[0] else None
+        g = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
+        grad_w = None
+        if need[3]:
+            x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+            grad_w = g.index_select(1, index).t() @ x2 if ctx.dim == 0 else g.t() @ x2.index_select(1, index)
+        sums = g.sum(0) if need[2] or need[4] else None
+        return (grad_x, None, sums if need[2] else None, grad_w,
+                sums.index_select(0, index) if need[4] else None, None, None)
+
+
+class SlicedLinear(nn.Module):
+    """A linear layer whose weight is frozen except some rows (`dim` 0, with the same bias entries) or
+    some columns (`dim` 1). The trained entries are the parameters `weight_slice` (and `bias_slice`);
+    `weight` and `bias` are the original tensors, written at `index` from the slices before each
+    forward, nowhere else (a bias may also train whole, as its own group)."""
+
+    def __init__(self, linear: nn.Linear, dim: int, index: list[int], slice_bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.linear = [linear]  # kept out of the module tree: merge() puts it back in place
+        self.weight, self.bias = linear.weight, linear.bias
+        self.dim = dim
+        self.register_buffer("index", torch.tensor(index, dtype=torch.long, device=linear.weight.device), persistent=False)
+        self.weight.requires_grad_(False)
+        self.weight_slice = nn.Parameter(self.weight.detach().index_select(dim, self.index).clone())
+        self.bias_slice = None
+        if slice_bias:
+            self.bias.requires_grad_(False)
+            self.bias_slice = nn.Parameter(self.bias.detach().index_select(0, self.index).clone())
 
     @torch.no_grad()
-    def restore(self) -> None:
-        for name, param in self.params.items():
-            param.copy_(torch.where(self.masks[name], param, self.frozen[name]))
+    def write_slices(self) -> None:
+        """Copy the trained entries into the weight (and bias): k rows or columns, not the whole tensor."""
+        self.weight.index_copy_(self.dim, self.index, self.weight_slice.to(self.weight.dtype))
+        if self.bias_slice is not None:
+            self.bias.index_copy_(0, self.index, self.bias_slice.to(self.bias.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.write_slices()
+        return _SlicedLinearFn.apply(x, self.weight, self.bias, self.weight_slice, self.bias_slice, self.index, self.dim)
+
+    def merge(self) -> nn.Linear:
+        """The original linear with the trained slices written into it."""
+        self.write_slices()
+        return self.linear[0]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, trained {len(self.index)} along dim {self.dim}"
+
+
+@dataclass
+class SliceSet:
+    """The partly trained tensors of a model: parameter name -> (dim, indices of the trained entries)."""
+
+    model: nn.Module
+    slices: dict[str, tuple[int, torch.Tensor]]
+    modules: dict[str, SlicedLinear]  # module name -> its sliced stand-in while training
 
     def trainable_count(self) -> int:
-        return int(sum(m.sum().item() for m in self.masks.values()))
+        params = dict(self.model.named_parameters())
+        return sum(len(idx) * params[n].numel() // params[n].shape[dim] for n, (dim, idx) in self.slices.items())
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-def _mask_grad(mask: torch.Tensor):
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad * mask
-
-    return hook
+    def merge(self) -> None:
+        """Put the original linears back with the trained slices written in (`self.slices` still says
+        which entries trained: the delta, core/delta.py, saves those)."""
+        for name, module in self.modules.items():
+            parent, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent), child, module.merge())
+        self.modules = {}
 
 
-def slice_masks(model: nn.Module, slices: list[dict[str, tuple[int, list[int]]]]) -> dict[str, torch.Tensor]:
-    """Union of slice sets as boolean masks per parameter."""
+def slice_linears(model: nn.Module, slices: list[dict[str, tuple[int, list[int]]]], whole: set[str]) -> SliceSet:
+    """Train the union of `slices` (expert groups' {param: (dim, indices)}) through `SlicedLinear`s.
+
+    Tensors in `whole` (trained whole by another group) and tensors whose slices cover every index
+    are trained whole instead (`requires_grad` set here). Every sliced tensor must be the weight of a
+    linear layer (rows or columns) or its bias (entries, with the weight's rows)."""
     params = dict(model.named_parameters())
-    masks: dict[str, torch.Tensor] = {}
+    union: dict[str, tuple[int, set[int]]] = {}
     for group in slices:
         for name, (dim, idx) in group.items():
-            mask = masks.setdefault(name, torch.zeros_like(params[name], dtype=torch.bool))
-            index = torch.tensor(idx, dtype=torch.long)
-            mask.index_fill_(dim, index, True)
-    return masks
+            seen = union.setdefault(name, (dim, set()))
+            if seen[0] != dim:
+                raise ConfigError("method.select", f"{name} is sliced along dims {seen[0]} and {dim} by different groups")
+            seen[1].update(idx)
+    by_module: dict[str, dict[str, tuple[int, list[int]]]] = {}
+    out: dict[str, tuple[int, torch.Tensor]] = {}
+    for name, (dim, idx) in union.items():
+        if name in whole:
+            continue
+        if len(idx) == params[name].shape[dim]:
+            params[name].requires_grad_(True)
+            continue
+        module_name, _, kind = name.rpartition(".")
+        by_module.setdefault(module_name, {})[kind] = (dim, sorted(idx))
+        out[name] = (dim, torch.tensor(sorted(idx), dtype=torch.long))
+    modules: dict[str, SlicedLinear] = {}
+    for module_name, kinds in by_module.items():
+        linear = model.get_submodule(module_name)
+        weight = kinds.get("weight")
+        if not isinstance(linear, nn.Linear) or weight is None or set(kinds) - {"weight", "bias"} or (
+                "bias" in kinds and (weight[0] != 0 or kinds["bias"][1] != weight[1])):
+            raise ConfigError("method.select", f"{module_name}: only rows or columns of a linear layer's weight "
+                              f"(rows with their bias entries) can be trained in slices; got {sorted(kinds)}")
+        sliced = SlicedLinear(linear, weight[0], weight[1], slice_bias="bias" in kinds)
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), child, sliced)
+        modules[module_name] = sliced
+    return SliceSet(model, out, modules)

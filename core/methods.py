@@ -11,7 +11,8 @@
 
 `apply_method` freezes everything, then unfreezes what the method trains; for LoRA it returns the
 peft-wrapped model. The optimizer (Trainer's) only ever receives tensors with `requires_grad`.
-FFN experts are slices of tensors: a `SliceMask` (core/experts.py) trains only the selected slices.
+FFN experts are slices of tensors: `SlicedLinear`s (core/experts.py) train only the selected slices;
+`Plan.slices.merge()` writes them back into plain linears after training.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Plan:
     groups: list[str]  # groups trained whole (all methods but lora and bitfit, which cut across groups)
     trainable: int  # number of trained parameters (after wrapping, for LoRA)
     total: int  # parameters of the base model
-    slice_mask: object | None = field(default=None, repr=False)  # SliceMask when experts are slices
+    slices: object | None = field(default=None, repr=False)  # SliceSet (core/experts.py) when experts are slices
     head_params: list[str] = field(default_factory=list, repr=False)  # names in the (wrapped) model
 
     def to_dict(self) -> dict:
@@ -66,7 +67,7 @@ def apply_method(model: nn.Module, partition: Partition, cfg: MethodConfig, sele
     if cfg.name == "lora":
         return _apply_lora(model, cfg, head, total)
 
-    slices: list[dict] = []  # expert slices of the chosen groups (trained through a SliceMask)
+    slices: list[dict] = []  # expert slices of the chosen groups (trained through SlicedLinears)
     if cfg.name == "full":
         groups = partition.names
         train = {n for n, _ in model.named_parameters()}
@@ -96,16 +97,15 @@ def apply_method(model: nn.Module, partition: Partition, cfg: MethodConfig, sele
 
     for name, param in model.named_parameters():
         param.requires_grad_(name in train)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    mask = None
-    if trainable == 0 and not slices:
-        raise ConfigError("method.name", f"method {cfg.name!r} trains nothing on this model (it has no new task head)")
+    sliced = None
     if slices:
-        from core.experts import SliceMask, slice_masks
+        from core.experts import slice_linears
 
-        mask = SliceMask(model, slice_masks(model, slices))
-        trainable += mask.trainable_count()
-    return model, Plan(cfg.name, groups, trainable, total, mask, sorted(head))
+        sliced = slice_linears(model, slices, whole=train)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ConfigError("method.name", f"method {cfg.name!r} trains nothing on this model (it has no new task head)")
+    return model, Plan(cfg.name, groups, trainable, total, sliced, sorted(head))
 
 
 def _apply_lora(model: nn.Module, cfg: MethodConfig, head: set[str], total: int) -> tuple[nn.Module, Plan]:

@@ -256,8 +256,6 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
 
     generative = task.name == "dialogue"  # evaluated by loss during training: no logits to keep
     callbacks: list[TrainerCallback] = [RunLogger(run)]
-    if plan.slice_mask is not None:
-        callbacks.append(SliceRestore(plan.slice_mask))
     if t.patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.patience))
     trainer = RunTrainer(
@@ -283,6 +281,8 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
     trainer.optimizer, trainer.lr_scheduler = None, None
     gc.collect()
     model = trainer.model
+    if plan.slices is not None:  # trained slices back into plain linears: evaluated and saved as a plain model
+        plan.slices.merge()
     model.eval()
 
     report: dict[str, Any] = {"run_id": run.id, "task": config.data.task, "method": plan.to_dict(), "labels": data.labels}
@@ -299,7 +299,7 @@ def _train(run: Run, config: RunConfig, resume_from: str | None, progress: bool)
             run.write_jsonl(f"predictions/{split}.jsonl", prediction_records(examples, preds))
     if forgetting_before is not None:
         report["forgetting"] = compare_forgetting(forgetting_before, measure_forgetting(config, model, task))
-    delta_bytes = save_delta(model, run, plan.method, plan.slice_mask.masks if plan.slice_mask is not None else None)
+    delta_bytes = save_delta(model, run, plan.method, plan.slices.slices if plan.slices is not None else None)
     epochs_done = float(trainer.state.epoch or 0.0)
     train_tokens = sum(len(ids) for ids in train_enc.dataset["input_ids"]) * epochs_done  # real tokens, no padding
     report["training"] = {
@@ -428,17 +428,6 @@ class RunTrainer(Trainer):
                         groups.append({**group, "params": params, "lr": self.head_lr if is_head else group["lr"]})
             optimizer.param_groups = groups
         return optimizer
-
-
-class SliceRestore(TrainerCallback):
-    """After every optimizer step, put back the frozen entries of partly trained tensors (expert
-    slices): AdamW's decoupled weight decay touches every entry of a tensor it holds."""
-
-    def __init__(self, mask):
-        self.mask = mask
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.mask.restore()
 
 
 class RunLogger(TrainerCallback):

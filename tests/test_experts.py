@@ -8,7 +8,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaForCausalLM
 
 from core.errors import ConfigError
-from core.experts import SliceMask, balanced_kmeans, find_ffns, slice_masks
+from core.experts import balanced_kmeans, find_ffns, slice_linears
 from core.groups import inspect_model, partition
 
 
@@ -79,41 +79,94 @@ def test_coactivation_clustering_uses_task_activations(bert):
     assert part.to_dict() != partition(bert, "ffn_clusters", {"experts": 4}).to_dict()
 
 
-def test_slice_mask_keeps_unselected_entries_and_adam_state_exact(llama):
-    """AdamW decays every tensor it holds: masked entries must still not move, and their moments stay 0."""
-    model = LlamaForCausalLM(llama.config)
-    model.load_state_dict(llama.state_dict())
+def _copy(model):
+    fresh = type(model)(model.config)
+    fresh.load_state_dict(model.state_dict())
+    return fresh.eval()  # no dropout: runs compared against each other see the same activations
+
+
+def _sliced_copy(model, groups, whole=()):
+    model = _copy(model)
     part = partition(model, "ffn_clusters", {"experts": 4})
-    chosen = [part.group("layer.1.expert.2").slices]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    mask = SliceMask(model, slice_masks(model, chosen))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in whole)
+    return model, part, slice_linears(model, [part.group(g).slices for g in groups], whole=set(whole))
+
+
+def _loss(model, ids):
+    labels = ids if isinstance(model, LlamaForCausalLM) else torch.tensor([0, 1, 1])
+    return model(input_ids=ids, labels=labels).loss
+
+
+@pytest.mark.parametrize("which", ["bert", "llama"])
+def test_sliced_linears_give_the_gradients_of_the_whole_weights(bert, llama, which):
+    """Slice gradients equal the selected rows / columns of the full weight gradient (bias entries
+    too), a bias trained whole beside a sliced weight gets its full gradient, and the input gradient
+    still flows through the whole weight (checked on the embeddings below)."""
+    base = {"bert": bert, "llama": llama}[which]
+    embeddings = next(n for n, _ in base.named_parameters() if "embed" in n)
+    whole = [embeddings] + [n for n, _ in base.named_parameters() if n.endswith("layer.1.output.dense.bias")]
+    model, part, sliced = _sliced_copy(base, ["layer.1.expert.2", "layer.1.expert.0"], whole)
+    assert {type(model.get_submodule(n)).__name__ for n in sliced.modules} == {"SlicedLinear"}
+    reference = _copy(base)
+    ids = torch.randint(1, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    _loss(model, ids).backward()
+    _loss(reference, ids).backward()
+    full = dict(reference.named_parameters())
+    for module_name, module in sliced.modules.items():
+        expected = full[f"{module_name}.weight"].grad.index_select(module.dim, module.index)
+        torch.testing.assert_close(module.weight_slice.grad, expected)
+        assert module.weight.grad is None
+        if module.bias_slice is not None:
+            torch.testing.assert_close(module.bias_slice.grad, full[f"{module_name}.bias"].grad[module.index])
+    assert (which == "bert") == any(m.bias_slice is not None for m in sliced.modules.values())
+    for name, p in model.named_parameters():
+        if name in whole:
+            torch.testing.assert_close(p.grad, full[name].grad)
+
+
+def test_sliced_training_keeps_unselected_entries_exact_and_saves_the_slices(llama):
+    """AdamW with weight decay holds the slices alone; every other entry stays bit-identical; merging
+    puts plain linears back with the same outputs, and the delta rebuilds the tuned tensors exactly."""
+    model, part, sliced = _sliced_copy(llama, ["layer.1.expert.2"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("_slice")}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trained) == sliced.trainable_count() == part.group("layer.1.expert.2").numel
+    opt = torch.optim.AdamW(trained, lr=1e-2, weight_decay=0.5)
     ids = torch.randint(1, 64, (2, 10))
     for _ in range(3):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
-        mask.restore()
         opt.zero_grad()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    sliced.merge()
+    assert not any(type(m).__name__ == "SlicedLinear" for m in model.modules())
+    assert not any(n.endswith("_slice") for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)
     for name, p in model.named_parameters():
-        if name in mask.masks:
-            m = mask.masks[name]
-            assert torch.equal(p[~m], before[name][~m]), name
-            assert not torch.equal(p[m], before[name][m]), name
-            state = opt.state[p]
-            assert torch.count_nonzero(state["exp_avg"][~m]) == 0 and torch.count_nonzero(state["exp_avg_sq"][~m]) == 0
+        if name in sliced.slices:
+            dim, index = sliced.slices[name]
+            keep = torch.ones(p.shape[dim], dtype=torch.bool)
+            keep[index] = False
+            assert torch.equal(p.index_select(dim, torch.nonzero(keep).flatten()),
+                               before[name].index_select(dim, torch.nonzero(keep).flatten())), name
+            assert not torch.equal(p.index_select(dim, index), before[name].index_select(dim, index)), name
         else:
             assert torch.equal(p, before[name]), name
-    assert mask.trainable_count() == part.group("layer.1.expert.2").numel
     # The delta keeps the slices alone (gate/up rows, down columns) and rebuilds the tuned tensors exactly.
     from core.delta import apply_delta, trained_state
 
-    delta = trained_state(model, mask.masks)
-    assert sum(v.numel() for k, v in delta.items() if "@index" not in k) == mask.trainable_count()
+    delta = trained_state(model, sliced.slices)
+    assert sum(v.numel() for k, v in delta.items() if "@index" not in k) == sliced.trainable_count()
     assert {k.rsplit("@index", 1)[1] for k in delta if "@index" in k} == {"0", "1"}
-    fresh = LlamaForCausalLM(llama.config)
-    fresh.load_state_dict(llama.state_dict())
+    fresh = _copy(llama)
     apply_delta(fresh, delta, "test")
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_slices_covering_a_whole_tensor_train_it_whole(llama):
+    model, part, sliced = _sliced_copy(llama, [f"layer.0.expert.{e}" for e in range(4)])
+    assert sliced.modules == {} and sliced.slices == {}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(part.group("layer.0.expert.0").slices)

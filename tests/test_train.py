@@ -101,7 +101,16 @@ def test_run_folder_holds_everything_a_ui_polls(tiny_bert, sentiment_csv, tmp_pa
     assert report["validation"]["confusion_matrix"]["labels"] == ["neg", "pos"]
 
 
-def test_interrupted_run_is_marked_and_resumes_from_its_checkpoint(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
+@pytest.mark.parametrize("experts", [False, True], ids=["groups", "expert_slices"])
+def test_interrupted_run_is_marked_and_resumes_from_its_checkpoint(tiny_bert, sentiment_csv, tmp_path, monkeypatch, experts):
+    def config_for(run_id):
+        config = make_config(tiny_bert, sentiment_csv, tmp_path, eval_steps=2, run_id=run_id)
+        if experts:  # checkpoints then hold the trained slices as their own tensors
+            config.groups.strategy, config.groups.options = "ffn_clusters", {"experts": 4}
+            config.method.select = ["layer.1.expert.0", "layer.1.expert.3", "layer.0.expert.1"]
+        return config
+
+    uninterrupted = train(config_for("whole"), progress=False)
     original = RunLogger.on_step_end
 
     def interrupt_at_step_5(self, args, state, control, **kw):
@@ -110,9 +119,8 @@ def test_interrupted_run_is_marked_and_resumes_from_its_checkpoint(tiny_bert, se
         return original(self, args, state, control, **kw)
 
     monkeypatch.setattr(RunLogger, "on_step_end", interrupt_at_step_5)
-    config = make_config(tiny_bert, sentiment_csv, tmp_path, eval_steps=2, run_id="resumable")
     with pytest.raises(KeyboardInterrupt):
-        train(config, progress=False)
+        train(config_for("resumable"), progress=False)
     run = open_run("resumable", tmp_path)
     assert run.status()["state"] == "interrupted"
     assert run.latest_checkpoint().endswith("checkpoint-4")
@@ -120,6 +128,13 @@ def test_interrupted_run_is_marked_and_resumes_from_its_checkpoint(tiny_bert, se
     result = resume("resumable", str(tmp_path), progress=False)
     assert result.run.status()["state"] == "completed"
     assert any(m.get("event") == "resume" for m in run.metrics())
+    # Resuming continues the same run: evaluations after the checkpoint and the tuned model are the
+    # ones an uninterrupted run gives.
+    def evals(r):
+        return {m["step"]: m["eval_loss"] for m in r.metrics() if m.get("kind") == "eval" and m["step"] > 4}
+
+    assert evals(run) and evals(run) == pytest.approx(evals(uninterrupted.run), abs=1e-6)
+    assert torch.allclose(batch_logits(result.model, tiny_bert), batch_logits(uninterrupted.model, tiny_bert), atol=1e-6)
     with pytest.raises(RunError, match="is completed; only failed or interrupted"):
         resume("resumable", str(tmp_path), progress=False)
 
