@@ -5,7 +5,7 @@ Modules, in pipeline order:
     data      read and validate task data, split it, build label maps
     models    load the embedded default, a local folder or a Hub model, with a task head
     groups    partition a model into expert groups (layer, module, ffn_clusters, rules)
-    experts   FFN-neuron experts: clustering and slice masks
+    experts   FFN-neuron experts: clustering, sliced linears that train some rows / columns
     scoring   relevance of each group to the task, measured on the task's data
     select    task complexity and the selection rules
     methods   what each method trains (camel, baselines)

@@ -34,7 +34,7 @@ def trained_state(model: nn.Module, slices: dict[str, tuple[int, torch.Tensor]] 
             dim, index = slices[name]
             index = index.cpu()
             state[name] = param.detach().cpu().index_select(dim, index).contiguous()
-            state[f"{name}{INDEX}{dim}"] = index
+            state[f"{name}{INDEX}{dim}"] = index.clone()  # its own storage: a weight and its bias share indices
         elif param.requires_grad:
             state[name] = param.detach().cpu().contiguous()
     return state

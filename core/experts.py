@@ -204,10 +204,6 @@ class SliceSet:
     slices: dict[str, tuple[int, torch.Tensor]]
     modules: dict[str, SlicedLinear]  # module name -> its sliced stand-in while training
 
-    def trainable_count(self) -> int:
-        params = dict(self.model.named_parameters())
-        return sum(len(idx) * params[n].numel() // params[n].shape[dim] for n, (dim, idx) in self.slices.items())
-
     def merge(self) -> None:
         """Put the original linears back with the trained slices written in (`self.slices` still says
         which entries trained: the delta, core/delta.py, saves those)."""
@@ -241,7 +237,6 @@ def slice_linears(model: nn.Module, slices: list[dict[str, tuple[int, list[int]]
             continue
         module_name, _, kind = name.rpartition(".")
         by_module.setdefault(module_name, {})[kind] = (dim, sorted(idx))
-        out[name] = (dim, torch.tensor(sorted(idx), dtype=torch.long))
     modules: dict[str, SlicedLinear] = {}
     for module_name, kinds in by_module.items():
         linear = model.get_submodule(module_name)
@@ -254,4 +249,7 @@ def slice_linears(model: nn.Module, slices: list[dict[str, tuple[int, list[int]]
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent), child, sliced)
         modules[module_name] = sliced
+        out[f"{module_name}.weight"] = (sliced.dim, sliced.index)
+        if sliced.bias_slice is not None:
+            out[f"{module_name}.bias"] = (0, sliced.index)
     return SliceSet(model, out, modules)

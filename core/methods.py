@@ -24,6 +24,7 @@ from torch import nn
 
 from core.config import MethodConfig
 from core.errors import ConfigError
+from core.experts import SliceSet, slice_linears
 from core.groups import Partition, inspect_model
 
 
@@ -35,7 +36,7 @@ class Plan:
     groups: list[str]  # groups trained whole (all methods but lora and bitfit, which cut across groups)
     trainable: int  # number of trained parameters (after wrapping, for LoRA)
     total: int  # parameters of the base model
-    slices: object | None = field(default=None, repr=False)  # SliceSet (core/experts.py) when experts are slices
+    slices: SliceSet | None = field(default=None, repr=False)  # when experts are slices
     head_params: list[str] = field(default_factory=list, repr=False)  # names in the (wrapped) model
 
     def to_dict(self) -> dict:
@@ -99,8 +100,6 @@ def apply_method(model: nn.Module, partition: Partition, cfg: MethodConfig, sele
         param.requires_grad_(name in train)
     sliced = None
     if slices:
-        from core.experts import slice_linears
-
         sliced = slice_linears(model, slices, whole=train)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
