@@ -20,7 +20,7 @@ from core.errors import ConfigError
 
 TASKS = ("classification", "ner", "qa", "dialogue")
 METHODS = ("camel", "groups", "random_groups", "full", "head", "bitfit", "last_n", "lora")
-SCORERS = ("gradient", "gradient_density", "activation", "random")
+SCORERS = ("gradient", "gradient_density", "gradient_signal", "gradient_adam", "activation", "random")
 RULES = ("auto", "cumulative", "top_k", "budget")
 DATA_FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "conll", "at", "hub")
 
@@ -75,7 +75,7 @@ class MethodConfig:
     name: str = "camel"  # camel | groups | random_groups | full | head | bitfit | last_n | lora
     select: list[str] = field(default_factory=list)  # groups: group names or globs ("layer.*")
     # camel: score groups on task data, then select (core/scoring.py, core/select.py)
-    scorer: str = "gradient"  # gradient | gradient_density | activation | random
+    scorer: str = "gradient"  # gradient | gradient_density | gradient_signal | gradient_adam | activation | random
     rule: str = "auto"  # auto (task complexity -> p and budget) | cumulative | top_k | budget
     p: float | None = None  # cumulative: normalised score to reach (auto: from complexity)
     scope: str = "global"  # cumulative: "global", or "layer" (reach p within each layer, as ESFT does)

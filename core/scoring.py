@@ -10,6 +10,16 @@ Scorers (registered by name; each returns a raw score per group, None where it d
                 density alone. Expert slices count the gradient entries of their own rows/columns.
     gradient_density  the same per parameter (mean instead of sum): favours small, steep groups
                 such as norms and biases; useful with the `budget` rule (best value per parameter).
+    gradient_signal  the squared norm of the group's *expected* gradient, ||E g||^2, estimated without
+                the batch noise: (B ||mean g||^2 - mean ||g_b||^2) / (B - 1) over B batches, at least 0.
+                The Fisher trace above is ||E g||^2 plus the gradient's variance; this keeps only the
+                part that a consistent descent direction buys. Needs B >= 2 and one model-sized buffer.
+    gradient_adam  the first-order loss decrease of one Adam step (unit learning rate) on the group:
+                sum over its parameters of mean(g)^2 / sqrt(mean(g^2)) over the batches (with one batch,
+                the gradient's L1 norm: Adam's first step is lr * sign(g)). Camel trains with AdamW,
+                whose steps do not scale with the gradient, so a group deep in the body with small but
+                consistent gradients is worth what its consistency says, not its squared magnitude.
+                Two model-sized buffers.
     activation  FFN experts only: mean absolute activation of the expert's neurons over the task's
                 tokens (padding excluded), the dense analogue of ESFT's gate score. Other groups: None.
     random      a seeded uniform draw per group (the control: does scoring matter?).
@@ -88,7 +98,7 @@ def score_groups(model: nn.Module, part: Partition, batches: list[dict[str, torc
     model.eval()  # no dropout: scores are reproducible
     features = _ProbeFeatures() if probe else None
     try:
-        kwargs = {"micro_batch": micro_batch} if scorer in ("gradient", "gradient_density") else {}
+        kwargs = {"micro_batch": micro_batch} if scorer.startswith("gradient") else {}
         raw, losses = SCORERS[scorer](model, part, batches, seed=seed, probe=features, **kwargs)
     finally:
         model.train(was_training)
@@ -167,8 +177,10 @@ def normalize_per_layer(raw: dict[str, float | None], part: Partition) -> dict[s
 @register("gradient")
 def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed: int = 0,
                    probe: _ProbeFeatures | None = None, per_parameter: bool = False,
-                   micro_batch: int | None = None) -> tuple[dict[str, float | None], list[float]]:
-    """Trace of each group's empirical diagonal Fisher (per parameter with `per_parameter`).
+                   micro_batch: int | None = None, mode: str = "fisher") -> tuple[dict[str, float | None], list[float]]:
+    """Trace of each group's empirical diagonal Fisher (per parameter with `per_parameter`); with
+    mode `signal`, the noise-corrected squared norm of the mean gradient; with `adam`, the first-order
+    decrease of an Adam step (see the module docstring).
 
     Each parameter's batch gradient is folded into its groups' sums as soon as backward has produced
     it, then freed: whole batches never hold a model-sized set of gradients or squared-gradient
@@ -181,13 +193,22 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
             dim, idx = g.slices[n] if g.slices else (None, None)
             takes[n].append((g.name, dim, None if idx is None else torch.tensor(idx, device=params[n].device)))
     totals = {g.name: torch.zeros((), dtype=torch.float64) for g in part.groups}
+    sums: dict[str, torch.Tensor] = {}  # signal, adam: each parameter's gradient summed over batches
+    squares: dict[str, torch.Tensor] = {}  # adam: and its square
     last_piece = [True]
+    if mode == "signal" and len(batches) < 2:
+        raise ConfigError("method.score_batches", "the gradient_signal scorer needs at least 2 batches")
 
     def fold(name: str):
         def hook(p: torch.Tensor) -> None:
             if not last_piece[0]:
                 return  # the batch's gradient is still being added up
-            sq = p.grad.detach().float() ** 2
+            grad = p.grad.detach().float()
+            sq = grad ** 2
+            if mode != "fisher":
+                sums[name] = grad.clone() if name not in sums else sums[name].add_(grad)
+            if mode == "adam":
+                squares[name] = sq.clone() if name not in squares else squares[name].add_(sq)
             whole = None
             for group, dim, idx in takes[name]:
                 if idx is None:
@@ -225,7 +246,23 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
         model.zero_grad(set_to_none=True)
         for n, p in params.items():
             p.requires_grad_(flags[n])
-    return {g.name: float(totals[g.name]) / len(batches) / (g.numel if per_parameter and g.numel else 1)
+    n = len(batches)
+    if mode == "adam":  # sum of mean(g)^2 / sqrt(mean(g^2))
+        step = {g.name: 0.0 for g in part.groups}
+        for name, total in sums.items():
+            gain = (total / n) ** 2 / (squares[name] / n).sqrt().clamp_min(1e-30)
+            for group, dim, idx in takes[name]:
+                step[group] += float(gain.sum() if idx is None else gain.index_select(dim, idx).sum())
+        return step, losses
+    if mode == "signal":  # (n ||mean g||^2 - mean ||g_b||^2) / (n - 1): unbiased for ||E g||^2
+        mean_sq = {g.name: 0.0 for g in part.groups}
+        for name, total in sums.items():
+            sq = (total / n) ** 2
+            for group, dim, idx in takes[name]:
+                mean_sq[group] += float(sq.sum() if idx is None else sq.index_select(dim, idx).sum())
+        return {g.name: max(0.0, (n * mean_sq[g.name] - float(totals[g.name]) / n) / (n - 1))
+                for g in part.groups}, losses
+    return {g.name: float(totals[g.name]) / n / (g.numel if per_parameter and g.numel else 1)
             for g in part.groups}, losses
 
 
@@ -260,6 +297,20 @@ def score_gradient_density(model: nn.Module, part: Partition, batches: list[dict
                            probe: _ProbeFeatures | None = None, micro_batch: int | None = None) -> tuple[dict[str, float | None], list[float]]:
     """Mean squared gradient per parameter of each group."""
     return score_gradient(model, part, batches, seed, probe, per_parameter=True, micro_batch=micro_batch)
+
+
+@register("gradient_signal")
+def score_gradient_signal(model: nn.Module, part: Partition, batches: list[dict], seed: int = 0,
+                          probe: _ProbeFeatures | None = None, micro_batch: int | None = None) -> tuple[dict[str, float | None], list[float]]:
+    """Squared norm of each group's expected gradient, the batch noise taken out."""
+    return score_gradient(model, part, batches, seed, probe, micro_batch=micro_batch, mode="signal")
+
+
+@register("gradient_adam")
+def score_gradient_adam(model: nn.Module, part: Partition, batches: list[dict], seed: int = 0,
+                        probe: _ProbeFeatures | None = None, micro_batch: int | None = None) -> tuple[dict[str, float | None], list[float]]:
+    """First-order loss decrease of an Adam step on each group."""
+    return score_gradient(model, part, batches, seed, probe, micro_batch=micro_batch, mode="adam")
 
 
 @register("activation")

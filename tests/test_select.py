@@ -139,7 +139,7 @@ def test_layer_scope_reaches_p_within_each_layer(model):
         assert any(c.selected for c in sel.choices if c.layer == layer)
 
 
-@pytest.mark.parametrize("scorer", ["gradient", "activation", "random"])
+@pytest.mark.parametrize("scorer", ["gradient", "gradient_signal", "gradient_adam", "activation", "random"])
 def test_scores_are_reproducible_and_cover_the_groups(model, batches, scorer):
     part = partition(model, "ffn_clusters", {"experts": 4})
     a = score_groups(model, part, batches, scorer, seed=3)
@@ -153,6 +153,42 @@ def test_scores_are_reproducible_and_cover_the_groups(model, batches, scorer):
         assert scored == {g.name for g in part.groups if g.kind not in ("head", "head_side")}
     assert sum(a.normalized.values()) == pytest.approx(1.0)
     assert all(p.requires_grad for p in model.parameters())  # the scorer restored the flags
+
+
+def test_gradient_scorers_match_per_batch_gradients(model, batches):
+    """Fisher trace, noise-corrected ||E g||^2 and the Adam-step decrease, from each batch's own gradient."""
+    part = partition(model, "ffn_clusters", {"experts": 4})
+    model.eval()
+    grads = []
+    for b in batches:
+        model.zero_grad()
+        model(**b).loss.backward()
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    model.zero_grad(set_to_none=True)
+    n = len(batches)
+
+    def group_sum(g, per_param):  # sum over the group's entries of per_param(name) (a full tensor)
+        if g.slices:
+            return sum(float(per_param(name).index_select(dim, torch.tensor(idx)).sum()) for name, (dim, idx) in g.slices.items())
+        return sum(float(per_param(name).sum()) for name in g.params)
+
+    mean = {k: sum(gr[k] for gr in grads) / n for k in grads[0]}
+    mean_sq = {k: sum(gr[k] ** 2 for gr in grads) / n for k in grads[0]}
+    scores = {s: score_groups(model, part, batches, s, probe=False).raw for s in ("gradient", "gradient_signal", "gradient_adam")}
+    for g in part.groups:
+        if g.kind in ("head", "head_side"):
+            continue
+        fisher = group_sum(g, lambda k: mean_sq[k])
+        signal = max(0.0, (n * group_sum(g, lambda k: mean[k] ** 2) - fisher) / (n - 1))
+        adam = group_sum(g, lambda k: mean[k] ** 2 / mean_sq[k].sqrt().clamp_min(1e-30))
+        assert scores["gradient"][g.name] == pytest.approx(fisher, rel=1e-4, abs=1e-12), g.name
+        assert scores["gradient_signal"][g.name] == pytest.approx(signal, rel=1e-3, abs=1e-9), g.name
+        assert scores["gradient_adam"][g.name] == pytest.approx(adam, rel=1e-4, abs=1e-12), g.name
+        assert scores["gradient_signal"][g.name] <= fisher * (1 + 1e-6)
+    one = score_groups(model, part, batches[:1], "gradient_adam", probe=False).raw  # one batch: Adam's sign step, the L1 norm
+    assert one["layer.0.attention"] == pytest.approx(group_sum(part.group("layer.0.attention"), lambda k: grads[0][k].abs()), rel=1e-4)
+    with pytest.raises(ConfigError, match="at least 2 batches"):
+        score_groups(model, part, batches[:1], "gradient_signal", probe=False)
 
 
 def test_activation_scorer_needs_experts(model, batches):
