@@ -78,7 +78,9 @@ class MethodConfig:
     scorer: str = "gradient"  # gradient | gradient_density | gradient_signal | gradient_adam | activation | random
     rule: str = "auto"  # auto (task complexity -> p and budget) | cumulative | top_k | budget
     p: float | None = None  # cumulative: normalised score to reach (auto: from complexity)
-    scope: str = "global"  # cumulative: "global", or "layer" (reach p within each layer, as ESFT does)
+    # cumulative: "global", "layer" (reach p within each layer, as ESFT does), or "auto": "layer" for token-level tasks
+    # (NER, QA, dialogue), which gain from adapting every block, "global" for sentence classification (bench/findings.md)
+    scope: str = "auto"
     top_k: int | None = None  # top_k: number of groups
     budget: float | None = None  # budget / cap: fraction of the model's parameters (auto: from complexity)
     include: list[str] = field(default_factory=list)  # always trained (names or globs)
@@ -210,6 +212,18 @@ class RunConfig:
             # A new, random head learns from scratch: it wants a higher rate than the pretrained body.
             self.train.head_lr = max(self.train.learning_rate, 1e-3)
         self.train.metric = self.metric
+        if self.method.scope == "auto":
+            self.method.scope = "global" if self.data.task == "classification" else "layer"
+        if (self.method.name == "camel" and self.method.scope == "layer" and self.groups.strategy == "ffn_clusters"
+                and "attention_experts" not in self.groups.options):
+            # Within a layer, groups of one size compare on their scores, not their sizes (bench/findings.md).
+            self.groups.options["attention_experts"] = "auto"
+        if self.method.name == "random_groups" and self.method.match_run and not self.groups.options:
+            from core.runs import open_run  # the control draws from the same groups as the run it matches
+
+            matched = open_run(self.method.match_run, self.runs_dir).config().groups
+            if matched.strategy == self.groups.strategy:
+                self.groups.options = dict(matched.options)
         if self.method.name == "camel" and self.method.depth_keep is None:
             self.method.depth_keep = 0.95 if self.method.rule == "auto" else 1.0
         if self.method.name == "camel" and self.method.score_micro_batch is None:
@@ -244,7 +258,7 @@ class RunConfig:
             raise ConfigError("method.select", "method 'groups' needs at least one group name or pattern")
         _choice("method.scorer", m.scorer, SCORERS)
         _choice("method.rule", m.rule, RULES)
-        _choice("method.scope", m.scope, ("global", "layer"))
+        _choice("method.scope", m.scope, ("auto", "global", "layer"))
         if m.p is not None and not 0.0 < m.p <= 1.0:
             raise ConfigError("method.p", f"must be in (0, 1], got {m.p}")
         if m.budget is not None and not 0.0 < m.budget <= 1.0:

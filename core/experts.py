@@ -9,6 +9,9 @@ Clustering: balanced k-means (every expert gets I/E neurons, the remainder sprea
 the neurons' input-weight rows ("weights"), or over their activation patterns on a sample of task
 tokens ("coactivation"). Deterministic for a seed.
 
+Attention heads split the same way (`attention_experts`): a head group owns the rows of the query,
+key and value projections for its heads and the matching columns of the output projection.
+
 Training a slice: `slice_linears` swaps each partly trained linear for a `SlicedLinear`, which keeps
 the original weight frozen and trains a separate parameter holding just the selected rows (input
 linears: weight rows and bias entries) or columns (output linear). Its backward computes the weight
@@ -58,6 +61,79 @@ def find_ffns(model: nn.Module, blocks_prefix: str, num_blocks: int) -> list[FFN
                               f"(inputs {inputs}, outputs {outputs})")
         ffns.append(FFN(i, [f"{prefix}.{n}" for n in inputs], f"{prefix}.{outputs[0]}", width))
     return ffns
+
+
+@dataclass
+class Attention:
+    """The attention of one block: its query, key, value and output projections, and its heads."""
+
+    layer: int
+    query: str  # module names
+    key: str
+    value: str
+    output: str
+    heads: int
+    kv_heads: int  # fewer than `heads` with grouped-query attention
+    head_dim: int
+
+
+ROLES = {"query": ("query", "q_proj", "q_lin", "q"), "key": ("key", "k_proj", "k_lin", "k"),
+         "value": ("value", "v_proj", "v_lin", "v"), "output": ("o_proj", "out_proj", "out_lin", "dense", "o")}
+
+
+def find_attentions(model: nn.Module, blocks_prefix: str, num_blocks: int) -> list[Attention]:
+    """Locate each block's attention projections by their role names (BERT `query`/`key`/`value`/
+    `output.dense`, Llama `q_proj`/`k_proj`/`v_proj`/`o_proj`, DistilBERT `q_lin`/.../`out_lin`) and
+    its head counts from the model config. Fused projections (GPT-2's `c_attn`) are not supported."""
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        raise ConfigError("groups.options.attention_experts", "the model config gives no num_attention_heads")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    out = []
+    for i in range(num_blocks):
+        prefix = f"{blocks_prefix}.{i}"
+        linears = {n: m for n, m in model.get_submodule(prefix).named_modules()
+                   if isinstance(m, nn.Linear) and any("attn" in p or "attention" in p for p in n.lower().split("."))}
+        found = {}
+        for role, names in ROLES.items():
+            hits = [n for n in linears if n.rsplit(".", 1)[-1] in names]
+            if len(hits) != 1:
+                raise ConfigError("groups.options.attention_experts", f"block {prefix}: cannot find one {role} projection "
+                                  f"of its attention among {sorted(linears) or 'no linear layers'} (fused q/k/v is not supported)")
+            found[role] = f"{prefix}.{hits[0]}"
+        q = model.get_submodule(found["query"])
+        head_dim = getattr(config, "head_dim", None) or q.out_features // heads
+        if q.out_features != heads * head_dim or model.get_submodule(found["key"]).out_features != kv_heads * head_dim:
+            raise ConfigError("groups.options.attention_experts", f"block {prefix}: projection sizes do not match "
+                              f"{heads} heads ({kv_heads} key/value heads) of size {head_dim}")
+        out.append(Attention(i, found["query"], found["key"], found["value"], found["output"], heads, kv_heads, head_dim))
+    return out
+
+
+def head_groups(attention: Attention, groups: int) -> list[list[int]]:
+    """Split the key/value heads into `groups` contiguous, near-equal sets (query heads follow the
+    key/value head they read; without grouped-query attention they are the same heads)."""
+    if not 1 <= groups <= attention.kv_heads:
+        raise ConfigError("groups.options.attention_experts",
+                          f"must be between 1 and the number of key/value heads {attention.kv_heads}, got {groups}")
+    bounds = [round(g * attention.kv_heads / groups) for g in range(groups + 1)]
+    return [list(range(bounds[g], bounds[g + 1])) for g in range(groups)]
+
+
+def head_slices(model: nn.Module, attention: Attention, kv_heads: list[int]) -> dict[str, tuple[int, list[int]]]:
+    """The parameter slices that a set of key/value heads (and their query heads) own: the rows of
+    the query, key and value projections (+ bias entries) and the columns of the output projection."""
+    d, per_kv = attention.head_dim, attention.heads // attention.kv_heads
+    kv_rows = [h * d + j for h in kv_heads for j in range(d)]
+    q_rows = [h * d + j for kv in kv_heads for h in range(kv * per_kv, (kv + 1) * per_kv) for j in range(d)]
+    slices: dict[str, tuple[int, list[int]]] = {}
+    for name, rows in ((attention.query, q_rows), (attention.key, kv_rows), (attention.value, kv_rows)):
+        slices[f"{name}.weight"] = (0, rows)
+        if model.get_submodule(name).bias is not None:
+            slices[f"{name}.bias"] = (0, rows)
+    slices[f"{attention.output}.weight"] = (1, q_rows)
+    return slices
 
 
 def _hidden_size(model: nn.Module, linears: dict[str, nn.Linear]) -> int:

@@ -11,7 +11,8 @@ Strategies:
     module  within each block: `layer.<i>.attention` (q/k/v/o), `layer.<i>.ffn`, `layer.<i>.norm`
             (and `layer.<i>.bias` with separate_biases); outside blocks as in `layer`.
     ffn_clusters  as `module`, but each block's FFN neurons split into E experts
-            `layer.<i>.expert.<e>` (slices of the FFN weights; see core/experts.py).
+            `layer.<i>.expert.<e>` (slices of the FFN weights; see core/experts.py), and with
+            `attention_experts` its attention heads into groups `layer.<i>.heads.<a>`.
     rules   user rules `{match, group}`. A `match` made of a dot and name characters only
             (`.q_proj.weight`) is a suffix: it matches names ending with it. Any other `match` is a
             regular expression that must match the whole name (`layer\.\d+\.mlp\..*`); an exact
@@ -23,6 +24,7 @@ parameters (`bert.encoder.layer`, `model.layers`, ...), so no per-model name tab
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Callable
@@ -41,7 +43,7 @@ SUFFIX = re.compile(r"\.[\w.]+")  # ".q_proj.weight": a suffix rule; anything el
 @dataclass(frozen=True)
 class ExpertGroup:
     name: str
-    kind: str  # embeddings | block | attention | ffn | norm | bias | head | head_side | other | rule | unmatched | expert
+    kind: str  # embeddings | block | attention | ffn | norm | bias | head | head_side | other | rule | unmatched | expert | heads
     params: tuple[str, ...]  # whole tensors; for an expert, the tensors it owns slices of
     numel: int  # parameters the group owns (for an expert: the entries of its slices)
     layer: int | None = None
@@ -177,6 +179,9 @@ class ModuleConfig:
 class FFNClustersConfig:
     experts: int = 8  # E: experts per block
     features: str = "weights"  # "weights": input-weight rows; "coactivation": activations on task data
+    # split each block's attention heads into this many groups `layer.<i>.heads.<a>`; "auto": as many as make a group
+    # about as large as one FFN expert (at most one per key/value head); 0: one `layer.<i>.attention` group
+    attention_experts: str | int = 0
     seed: int = 0
     iters: int = 20  # balanced k-means iterations
 
@@ -203,8 +208,10 @@ def partition_modules(model: nn.Module, config: ModuleConfig) -> Partition:
 @register("ffn_clusters", FFNClustersConfig)
 def partition_ffn_clusters(model: nn.Module, config: FFNClustersConfig, calibration: list[dict] | None = None) -> Partition:
     """Per block: E experts `layer.<i>.expert.<e>` over the FFN neurons, plus the module groups
-    (attention, norm, and `ffn` for what no neuron owns, such as the FFN output bias)."""
-    from core.experts import balanced_kmeans, find_ffns, neuron_features, neuron_slices
+    (attention, norm, and `ffn` for what no neuron owns, such as the FFN output bias). With
+    `attention_experts` A, the attention heads too: `layer.<i>.heads.<a>` (`attention` keeps what
+    no head owns, such as the output projection's bias)."""
+    from core.experts import balanced_kmeans, find_attentions, find_ffns, head_groups, head_slices, neuron_features, neuron_slices
 
     if config.features not in ("weights", "coactivation"):
         raise ConfigError("groups.options.features", f"must be 'weights' or 'coactivation', got {config.features!r}")
@@ -225,6 +232,25 @@ def partition_ffn_clusters(model: nn.Module, config: FFNClustersConfig, calibrat
             numel = sum(len(idx) * params[n].numel() // params[n].shape[dim] for n, (dim, idx) in slices.items())
             experts.append(ExpertGroup(f"layer.{ffn.layer}.expert.{e}", "expert", tuple(slices), numel, ffn.layer, slices))
             sliced.update(slices)
+    head_count = _attention_experts(config.attention_experts)
+    attentions = []
+    if head_count is None:
+        with contextlib.suppress(ConfigError):  # unknown attention layout: its attention stays one group
+            attentions = find_attentions(model, anatomy.blocks_prefix, anatomy.num_blocks)
+    elif head_count > 0:
+        attentions = find_attentions(model, anatomy.blocks_prefix, anatomy.num_blocks)
+    if attentions:
+        size = sum(g.numel for g in experts) / len(experts)  # one FFN expert's parameters
+        for att in attentions:
+            count = head_count
+            if count is None:  # head groups about as large as an FFN expert
+                whole = sum(params[f"{m}.weight"].numel() for m in (att.query, att.key, att.value, att.output))
+                count = max(1, min(att.kv_heads, round(whole / size)))
+            for a, kv_heads in enumerate(head_groups(att, count)):
+                slices = head_slices(model, att, kv_heads)
+                numel = sum(len(idx) * params[n].numel() // params[n].shape[dim] for n, (dim, idx) in slices.items())
+                experts.append(ExpertGroup(f"layer.{att.layer}.heads.{a}", "heads", tuple(slices), numel, att.layer, slices))
+                sliced.update(slices)
     role = _module_roles(model, False)
     rest = _assemble(model, "ffn_clusters",
                      lambda name: _outer_group(name, anatomy, lambda i, r: role(i, r, name)), skip=sliced)
@@ -236,6 +262,19 @@ def partition_ffn_clusters(model: nn.Module, config: FFNClustersConfig, calibrat
         if g.layer is not None and last_of_block:
             groups.extend(x for x in experts if x.layer == g.layer)
     return Partition("ffn_clusters", groups, rest.total_params)
+
+
+def _attention_experts(value: str | int) -> int | None:
+    """The attention_experts option as a count (None: "auto")."""
+    if str(value).strip().lower() == "auto":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ConfigError("groups.options.attention_experts", f"must be 'auto', 0 (one attention group) or a number of head groups, got {value!r}")
+    return count
 
 
 def _module_roles(model: nn.Module, separate_biases: bool) -> Callable[[int, str, str], tuple[str, str, int]]:

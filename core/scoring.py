@@ -104,17 +104,17 @@ def score_groups(model: nn.Module, part: Partition, batches: list[dict[str, torc
         model.train(was_training)
     head = {g.name for g in part.groups if g.kind in ("head", "head_side")}
     raw = {name: (None if name in head else value) for name, value in raw.items()}
-    seconds = time.perf_counter() - start
+    fitted = features.fit(seed) if features is not None else {}
     return Scores(
         scorer=scorer,
         raw=raw,
         normalized=normalize(raw),
         layer_normalized=normalize_per_layer(raw, part),
-        seconds=seconds,
+        seconds=time.perf_counter() - start,  # the passes and the probe: all that selection needs
         batches=len(batches),
         examples=sum(int(b["input_ids"].shape[0]) for b in batches),
         head_loss=float(np.mean(losses)) if losses else float("nan"),
-        probe=features.fit(seed) if features is not None else {},
+        probe=fitted,
     )
 
 

@@ -3,7 +3,11 @@
 Rules (each records, for every group, whether it is in and why):
 
     cumulative  ESFT's rule: take groups in order of normalised score until the cumulative score
-                reaches p; globally, or within each layer (`scope="layer"`).
+                reaches p; globally, or within each layer (`scope="layer"`). RunConfig resolves scope
+                "auto" to "layer" for token-level tasks, with attention split into head groups of an
+                expert's size, and to "global" for sentence classification: measured on CoNLL-2003
+                and PhraseBank (bench/findings.md), gradient scores rank the top blocks first, which
+                suits a sentence read from the top but starves the lower blocks that token tasks use.
     top_k       the k best-scored groups.
     budget      best-scored groups while their parameters fit in a fraction of the model.
     auto        p and a parameter budget from the task's measured complexity (below), then
@@ -151,6 +155,8 @@ class Selection:
 
 def select_groups(part: Partition, scores: Scores, cfg: MethodConfig, complexity: Complexity | None = None) -> Selection:
     """Apply the configured rule (and manual include/exclude) to scored groups."""
+    if cfg.scope not in ("global", "layer"):
+        raise ConfigError("method.scope", f"{cfg.scope!r} must be resolved to 'global' or 'layer' first (RunConfig.resolve)")
     settings: dict[str, Any] = {"scorer": scores.scorer}
     budget = cfg.budget
     if cfg.rule == "auto":

@@ -94,9 +94,11 @@ def prepare(config: RunConfig, saved_selection: list[str] | None = None) -> Prep
     if saved_selection is not None:
         chosen = saved_selection
     elif m.name == "camel":
+        start = time.perf_counter()
         with head_warmed(model, part, batches, m.score_warmup, lr=config.train.head_lr, seed=config.train.seed):
             scores = score_groups(model, part, batches, m.scorer, seed=config.train.seed,
                                   probe=config.data.task in ("classification", "ner"), micro_batch=m.score_micro_batch)
+        scores.seconds = time.perf_counter() - start  # a head warm-up is part of what scoring cost
         mean_length = float(np.mean([float(b["attention_mask"].sum(1).float().mean()) for b in batches]))
         complexity = measure_complexity(data.labels or [f"position {i}" for i in range(config.data.max_length)],
                                         label_counts(config.data.task, data.train), len(data.train),

@@ -85,9 +85,9 @@ def _copy(model):
     return fresh.eval()  # no dropout: runs compared against each other see the same activations
 
 
-def _sliced_copy(model, groups, whole=()):
+def _sliced_copy(model, groups, whole=(), options=None):
     model = _copy(model)
-    part = partition(model, "ffn_clusters", {"experts": 4})
+    part = partition(model, "ffn_clusters", options or {"experts": 4})
     for name, p in model.named_parameters():
         p.requires_grad_(name in whole)
     return model, part, slice_linears(model, [part.group(g).slices for g in groups], whole=set(whole))
@@ -130,6 +130,50 @@ def test_sliced_linears_give_the_gradients_of_the_whole_weights(bert, llama, whi
 
     sliced.merge()
     assert save(trained_state(model, sliced.slices))
+
+
+@pytest.mark.parametrize("which", ["bert", "llama"])
+def test_head_groups_own_whole_heads_and_train_as_slices(bert, llama, which):
+    """Attention head groups: query rows of their heads, key/value rows of the key/value heads those
+    read (grouped-query attention on the tiny Llama: 4 query heads over 2 key/value heads), output
+    columns of their heads; every head in exactly one group; slice gradients equal the full ones."""
+    base = {"bert": bert, "llama": llama}[which]
+    options = {"experts": 4, "attention_experts": 2}
+    part = partition(base, "ffn_clusters", options)
+    cfg = base.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    per_kv = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    for layer in range(cfg.num_hidden_layers):
+        groups = [g for g in part.groups if g.kind == "heads" and g.layer == layer]
+        assert [g.name for g in groups] == [f"layer.{layer}.heads.0", f"layer.{layer}.heads.1"]
+        q_rows = []
+        for g in groups:
+            by_role = {n.rsplit(".", 2)[-2]: (dim, idx) for n, (dim, idx) in g.slices.items() if n.endswith("weight")}
+            q = by_role.get("q_proj") or by_role["query"]
+            k = by_role.get("k_proj") or by_role["key"]
+            o = by_role.get("o_proj") or by_role["dense"]
+            assert q[0] == k[0] == 0 and o[0] == 1 and o[1] == q[1]
+            assert len(q[1]) == per_kv * len(k[1]) and len(q[1]) % d == 0
+            kv_heads = sorted({r // d for r in k[1]})
+            assert sorted({r // d for r in q[1]}) == [h for kv in kv_heads for h in range(kv * per_kv, (kv + 1) * per_kv)]
+            q_rows += q[1]
+        assert sorted(q_rows) == list(range(cfg.hidden_size))
+    # partition() checked that every parameter is in exactly one group; what the heads leave is the output bias
+    rest = [g for g in part.groups if g.name == "layer.0.attention"]
+    assert [list(g.params) for g in rest] == ([["bert.encoder.layer.0.attention.output.dense.bias"]] if which == "bert" else [])
+    model, _, sliced = _sliced_copy(base, ["layer.1.heads.1", "layer.0.expert.1"], options=options)
+    reference = _copy(base)
+    ids = torch.randint(1, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    _loss(model, ids).backward()
+    _loss(reference, ids).backward()
+    full = dict(reference.named_parameters())
+    assert len(sliced.modules) == 4 + (3 if which == "llama" else 2)  # q, k, v, o; the expert's input(s) and output
+    for module_name, module in sliced.modules.items():
+        torch.testing.assert_close(module.weight_slice.grad, full[f"{module_name}.weight"].grad.index_select(module.dim, module.index))
+        if module.bias_slice is not None:
+            torch.testing.assert_close(module.bias_slice.grad, full[f"{module_name}.bias"].grad[module.index])
+    with pytest.raises(ConfigError, match="attention_experts.*between 1 and the number of key/value heads"):
+        partition(base, "ffn_clusters", {"attention_experts": 5})
 
 
 def test_sliced_training_keeps_unselected_entries_exact_and_saves_the_slices(llama):
@@ -177,3 +221,17 @@ def test_slices_covering_a_whole_tensor_train_it_whole(llama):
     model, part, sliced = _sliced_copy(llama, [f"layer.0.expert.{e}" for e in range(4)])
     assert sliced.modules == {} and sliced.slices == {}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(part.group("layer.0.expert.0").slices)
+
+
+@pytest.mark.parametrize(("experts", "groups"), [(2, 2), (4, 4), (8, 4)])
+def test_auto_head_groups_are_about_an_experts_size(experts, groups):
+    """"auto": attention (4 x 32 x 32 weights) in groups of about one FFN expert's size (2 x 32 x 64 / E),
+    at most one group per key/value head (4 here)."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=64, max_position_embeddings=32))
+    part = partition(model, "ffn_clusters", {"experts": experts, "attention_experts": "auto"})
+    assert [g.name for g in part.groups if g.kind == "heads" and g.layer == 1] == [f"layer.1.heads.{a}" for a in range(groups)]
+    for bad in ("many", -1):
+        with pytest.raises(ConfigError, match="attention_experts.*'auto', 0"):
+            partition(model, "ffn_clusters", {"attention_experts": bad})

@@ -247,8 +247,13 @@ def test_camel_run_trains_the_selected_experts_only(tiny_bert, sentiment_csv, tm
     assert sum(v.numel() for k, v in delta.items() if "@index" not in k) == result.report["method"]["trainable"]
 
 
-def test_random_groups_match_a_camel_run_in_size(tiny_bert, sentiment_csv, tmp_path):
-    camel = train(make_config(tiny_bert, sentiment_csv, tmp_path, method="camel", run_id="c", epochs=1), progress=False)
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_random_groups_match_a_camel_run_in_size_and_groups(tiny_bert, sentiment_csv, tmp_path, scope):
+    """The control draws from the groups camel chose from: with per-layer scope, camel's partition has
+    attention head groups, and so has the random run's (its options come from the matched run)."""
+    config = make_config(tiny_bert, sentiment_csv, tmp_path, method="camel", run_id="c", epochs=1)
+    config.method.scope = scope
+    camel = train(config, progress=False)
     config = make_config(tiny_bert, sentiment_csv, tmp_path, method="camel", run_id="r", epochs=1)
     config.method.name, config.method.match_run = "random_groups", "c"
     config.groups.strategy = "ffn_clusters"
@@ -257,6 +262,27 @@ def test_random_groups_match_a_camel_run_in_size(tiny_bert, sentiment_csv, tmp_p
     assert rnd.run.read_json("selection.json")["rule"] == "random"
     assert rnd.report["method"]["trainable"] <= target
     assert rnd.report["method"]["trainable"] >= 0.5 * target
+    names = [{g["name"] for g in run.read_json("groups.json")["groups"]} for run in (camel.run, rnd.run)]
+    assert names[0] == names[1] and any(".heads." in n for n in names[0]) == (scope == "layer")
+    assert rnd.run.config().groups.options == ({"attention_experts": "auto"} if scope == "layer" else {})
+
+
+@pytest.mark.parametrize(("task", "scope", "options", "resolved", "heads"), [
+    ("ner", "auto", {}, "layer", "auto"),
+    ("qa", "auto", {}, "layer", "auto"),
+    ("classification", "auto", {}, "global", None),
+    ("ner", "global", {}, "global", None),
+    ("classification", "layer", {}, "layer", "auto"),
+    ("ner", "auto", {"attention_experts": 0}, "layer", 0),
+])
+def test_scope_auto_is_per_layer_with_head_groups_for_token_tasks(task, scope, options, resolved, heads):
+    from core.config import RunConfig
+
+    config = RunConfig.from_dict({"data": {"task": task, "train": "x.csv"}, "method": {"name": "camel", "scope": scope},
+                                  "groups": {"options": dict(options)}})
+    config.resolve()
+    assert config.method.scope == resolved and config.groups.strategy == "ffn_clusters"
+    assert config.groups.options.get("attention_experts") == heads
 
 
 def _micro_batch_cases(llama_config):
