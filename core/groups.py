@@ -229,8 +229,8 @@ def partition_ffn_clusters(model: nn.Module, config: FFNClustersConfig, calibrat
         clusters = balanced_kmeans(feats, config.experts, seed=config.seed + ffn.layer, iters=config.iters)
         for e, neurons in enumerate(clusters):
             slices = neuron_slices(model, ffn, neurons)
-            numel = sum(len(idx) * params[n].numel() // params[n].shape[dim] for n, (dim, idx) in slices.items())
-            experts.append(ExpertGroup(f"layer.{ffn.layer}.expert.{e}", "expert", tuple(slices), numel, ffn.layer, slices))
+            experts.append(ExpertGroup(f"layer.{ffn.layer}.expert.{e}", "expert", tuple(slices), _slice_numel(params, slices),
+                                       ffn.layer, slices))
             sliced.update(slices)
     head_count = _attention_experts(config.attention_experts)
     attentions = []
@@ -248,8 +248,8 @@ def partition_ffn_clusters(model: nn.Module, config: FFNClustersConfig, calibrat
                 count = max(1, min(att.kv_heads, round(whole / size)))
             for a, kv_heads in enumerate(head_groups(att, count)):
                 slices = head_slices(model, att, kv_heads)
-                numel = sum(len(idx) * params[n].numel() // params[n].shape[dim] for n, (dim, idx) in slices.items())
-                experts.append(ExpertGroup(f"layer.{att.layer}.heads.{a}", "heads", tuple(slices), numel, att.layer, slices))
+                experts.append(ExpertGroup(f"layer.{att.layer}.heads.{a}", "heads", tuple(slices), _slice_numel(params, slices),
+                                           att.layer, slices))
                 sliced.update(slices)
     role = _module_roles(model, False)
     rest = _assemble(model, "ffn_clusters",
@@ -262,6 +262,11 @@ def partition_ffn_clusters(model: nn.Module, config: FFNClustersConfig, calibrat
         if g.layer is not None and last_of_block:
             groups.extend(x for x in experts if x.layer == g.layer)
     return Partition("ffn_clusters", groups, rest.total_params)
+
+
+def _slice_numel(params: dict[str, torch.Tensor], slices: dict[str, tuple[int, list[int]]]) -> int:
+    """Entries owned by slices {param: (dim, indices)}."""
+    return sum(len(idx) * params[n].numel() // params[n].shape[dim] for n, (dim, idx) in slices.items())
 
 
 def _attention_experts(value: str | int) -> int | None:
