@@ -192,7 +192,7 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
         for n in g.slices or g.params:
             dim, idx = g.slices[n] if g.slices else (None, None)
             takes[n].append((g.name, dim, None if idx is None else torch.tensor(idx, device=params[n].device)))
-    totals = {g.name: torch.zeros((), dtype=torch.float64) for g in part.groups}
+    totals = {g.name: 0.0 for g in part.groups}
     sums: dict[str, torch.Tensor] = {}  # signal, adam: each parameter's gradient summed over batches
     squares: dict[str, torch.Tensor] = {}  # adam: and its square
     last_piece = [True]
@@ -208,14 +208,8 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
             if mode != "fisher":
                 sums[name] = grad.clone() if name not in sums else sums[name].add_(grad)
             if mode == "adam":
-                squares[name] = sq.clone() if name not in squares else squares[name].add_(sq)
-            whole = None
-            for group, dim, idx in takes[name]:
-                if idx is None:
-                    whole = sq.sum() if whole is None else whole
-                    totals[group] += whole.cpu()
-                else:
-                    totals[group] += sq.index_select(dim, idx).sum().cpu()
+                squares[name] = sq if name not in squares else squares[name].add_(sq)
+            _add_to_groups(sq, takes[name], totals)
             p.grad = None
         return hook
 
@@ -250,20 +244,28 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
     if mode == "adam":  # sum of mean(g)^2 / sqrt(mean(g^2))
         step = {g.name: 0.0 for g in part.groups}
         for name, total in sums.items():
-            gain = (total / n) ** 2 / (squares[name] / n).sqrt().clamp_min(1e-30)
-            for group, dim, idx in takes[name]:
-                step[group] += float(gain.sum() if idx is None else gain.index_select(dim, idx).sum())
+            _add_to_groups((total / n) ** 2 / (squares[name] / n).sqrt().clamp_min(1e-30), takes[name], step)
         return step, losses
     if mode == "signal":  # (n ||mean g||^2 - mean ||g_b||^2) / (n - 1): unbiased for ||E g||^2
         mean_sq = {g.name: 0.0 for g in part.groups}
         for name, total in sums.items():
-            sq = (total / n) ** 2
-            for group, dim, idx in takes[name]:
-                mean_sq[group] += float(sq.sum() if idx is None else sq.index_select(dim, idx).sum())
-        return {g.name: max(0.0, (n * mean_sq[g.name] - float(totals[g.name]) / n) / (n - 1))
+            _add_to_groups((total / n) ** 2, takes[name], mean_sq)
+        return {g.name: max(0.0, (n * mean_sq[g.name] - totals[g.name] / n) / (n - 1))
                 for g in part.groups}, losses
-    return {g.name: float(totals[g.name]) / n / (g.numel if per_parameter and g.numel else 1)
+    return {g.name: totals[g.name] / n / (g.numel if per_parameter and g.numel else 1)
             for g in part.groups}, losses
+
+
+def _add_to_groups(values: torch.Tensor, takes: list[tuple[str, int | None, torch.Tensor | None]], into: dict[str, float]) -> None:
+    """Add to each group taking part of a parameter the sum of `values` (per entry of that parameter)
+    over its part: the whole tensor, or its slice (dim, index)."""
+    whole = None
+    for group, dim, idx in takes:
+        if idx is None:
+            whole = float(values.sum()) if whole is None else whole
+            into[group] += whole
+        else:
+            into[group] += float(values.index_select(dim, idx).sum())
 
 
 def split_batch(batch: dict[str, torch.Tensor], size: int | None, causal: bool) -> list[tuple[dict[str, torch.Tensor], float]]:
