@@ -140,12 +140,28 @@ class NerTask:
         return ner_metrics(true, pred, self.labels) if full else ner_scalars(true, pred)
 
 
+def length_order(lengths: list[int]) -> np.ndarray:
+    """Feature indices from shortest to longest (stable): batches taken in this order hold similar
+    lengths, so dynamic padding adds little. `unpermute` puts per-feature outputs back in order."""
+    return np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+
+
+def unpermute(values: Any, order: np.ndarray) -> Any:
+    """Rows computed in `order` (row j belongs to feature order[j]) back in feature order; tuples
+    (QA start and end logits) element-wise."""
+    if isinstance(values, tuple):
+        return tuple(unpermute(v, order) for v in values)
+    out = np.empty_like(values)
+    out[order] = values
+    return out
+
+
 def predict_logits(model: nn.Module, task: Any, enc: Encoded, batch_size: int = 64) -> np.ndarray:
     """Logits for every feature, in order. Batches hold similar lengths (less padding); for token
     tasks the result is padded to the longest feature: (features, max_len, labels)."""
     ds = enc.dataset.remove_columns([c for c in ("labels", "start_positions", "end_positions") if c in enc.dataset.column_names])
     lengths = [len(ids) for ids in ds["input_ids"]]
-    order = np.argsort(lengths, kind="stable")
+    order = length_order(lengths)
     collate = task.collator()
     device = next(model.parameters()).device
     outputs: list[np.ndarray | None] = [None] * len(ds)

@@ -3,9 +3,12 @@ optimizer holds only trainable tensors, deltas reproduce logits, runs survive in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from core.config import RunConfig
 from core.delta import load_run_model
@@ -13,7 +16,7 @@ from core.errors import DataError, RunError
 from core.models import load_task_model
 from core.runs import list_runs, open_run
 from core.tasks import NerTask
-from core.train import RunLogger, resume, train
+from core.train import RunLogger, prepare, resume, train
 
 
 def make_config(model, data, runs, task="classification", method="groups", run_id=None, **train_kw) -> RunConfig:
@@ -124,6 +127,11 @@ def test_interrupted_run_is_marked_and_resumes_from_its_checkpoint(tiny_bert, se
     run = open_run("resumable", tmp_path)
     assert run.status()["state"] == "interrupted"
     assert run.latest_checkpoint().endswith("checkpoint-4")
+    # The checkpoint holds the trained tensors only (slices as their own tensors); the rest is the base.
+    saved = set(load_file(Path(run.latest_checkpoint()) / "model.safetensors"))
+    model = prepare(config_for("again")).model
+    assert saved == {n for n, p in model.named_parameters() if p.requires_grad} and len(saved) < len(model.state_dict())
+    assert any(n.endswith("weight_slice") for n in saved) == experts
     monkeypatch.setattr(RunLogger, "on_step_end", original)
     result = resume("resumable", str(tmp_path), progress=False)
     assert result.run.status()["state"] == "completed"
@@ -137,6 +145,28 @@ def test_interrupted_run_is_marked_and_resumes_from_its_checkpoint(tiny_bert, se
     assert torch.allclose(batch_logits(result.model, tiny_bert), batch_logits(uninterrupted.model, tiny_bert), atol=1e-6)
     with pytest.raises(RunError, match="is completed; only failed or interrupted"):
         resume("resumable", str(tmp_path), progress=False)
+
+
+def test_resume_refuses_a_checkpoint_that_lacks_trained_tensors(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
+    original = RunLogger.on_step_end
+
+    def interrupt_at_step_3(self, args, state, control, **kw):
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+        return original(self, args, state, control, **kw)
+
+    monkeypatch.setattr(RunLogger, "on_step_end", interrupt_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(tiny_bert, sentiment_csv, tmp_path, eval_steps=2, run_id="tampered"), progress=False)
+    monkeypatch.setattr(RunLogger, "on_step_end", original)
+    run = open_run("tampered", tmp_path)
+    path = Path(run.latest_checkpoint()) / "model.safetensors"
+    tensors = load_file(path)
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, path)
+    with pytest.raises(RunError, match=f"does not match this run's trained tensors: missing \\['{dropped}'\\]"):
+        resume("tampered", str(tmp_path), progress=False)
+    assert run.status()["state"] == "failed"
 
 
 def test_failed_run_is_marked_with_its_error(tiny_bert, tmp_path):
