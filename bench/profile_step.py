@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     model, plan, t = prep.model, prep.plan, config.train
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=t.weight_decay)
+    # Trainer's default optimizer (`adamw_torch_fused`): the fused kernel, also on CPUs. (Until Dec 2026 this
+    # script used the foreach AdamW, ~5x slower for full fine-tuning's 22.6 M parameters on this CPU.)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=t.weight_decay, fused=True)
     batches = task_batches(prep.task, prep.data.train, args.steps + 2, t.batch_size, t.seed)
 
     def step(batch) -> dict[str, float]:
