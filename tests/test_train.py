@@ -104,6 +104,22 @@ def test_run_folder_holds_everything_a_ui_polls(tiny_bert, sentiment_csv, tmp_pa
     assert report["validation"]["confusion_matrix"]["labels"] == ["neg", "pos"]
 
 
+def train_interrupted(config: RunConfig, step: int, monkeypatch):
+    """Train `config` until a KeyboardInterrupt at optimizer step `step` (as Ctrl-C would); the open run."""
+    original = RunLogger.on_step_end
+
+    def interrupt(self, args, state, control, **kw):
+        if state.global_step == step:
+            raise KeyboardInterrupt
+        return original(self, args, state, control, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunLogger, "on_step_end", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, progress=False)
+    return open_run(config.run_id, config.runs_dir)
+
+
 @pytest.mark.parametrize("experts", [False, True], ids=["groups", "expert_slices"])
 def test_interrupted_run_is_marked_and_resumes_from_its_checkpoint(tiny_bert, sentiment_csv, tmp_path, monkeypatch, experts):
     def config_for(run_id):
@@ -114,17 +130,7 @@ def test_interrupted_run_is_marked_and_resumes_from_its_checkpoint(tiny_bert, se
         return config
 
     uninterrupted = train(config_for("whole"), progress=False)
-    original = RunLogger.on_step_end
-
-    def interrupt_at_step_5(self, args, state, control, **kw):
-        if state.global_step == 5:
-            raise KeyboardInterrupt
-        return original(self, args, state, control, **kw)
-
-    monkeypatch.setattr(RunLogger, "on_step_end", interrupt_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train(config_for("resumable"), progress=False)
-    run = open_run("resumable", tmp_path)
+    run = train_interrupted(config_for("resumable"), 5, monkeypatch)
     assert run.status()["state"] == "interrupted"
     assert run.latest_checkpoint().endswith("checkpoint-4")
     # The checkpoint holds the trained tensors only (slices as their own tensors); the rest is the base.
@@ -132,7 +138,6 @@ def test_interrupted_run_is_marked_and_resumes_from_its_checkpoint(tiny_bert, se
     model = prepare(config_for("again")).model
     assert saved == {n for n, p in model.named_parameters() if p.requires_grad} and len(saved) < len(model.state_dict())
     assert any(n.endswith("weight_slice") for n in saved) == experts
-    monkeypatch.setattr(RunLogger, "on_step_end", original)
     result = resume("resumable", str(tmp_path), progress=False)
     assert result.run.status()["state"] == "completed"
     assert any(m.get("event") == "resume" for m in run.metrics())
@@ -148,18 +153,7 @@ def test_interrupted_run_is_marked_and_resumes_from_its_checkpoint(tiny_bert, se
 
 
 def test_resume_refuses_a_checkpoint_that_lacks_trained_tensors(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
-    original = RunLogger.on_step_end
-
-    def interrupt_at_step_3(self, args, state, control, **kw):
-        if state.global_step == 3:
-            raise KeyboardInterrupt
-        return original(self, args, state, control, **kw)
-
-    monkeypatch.setattr(RunLogger, "on_step_end", interrupt_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(make_config(tiny_bert, sentiment_csv, tmp_path, eval_steps=2, run_id="tampered"), progress=False)
-    monkeypatch.setattr(RunLogger, "on_step_end", original)
-    run = open_run("tampered", tmp_path)
+    run = train_interrupted(make_config(tiny_bert, sentiment_csv, tmp_path, eval_steps=2, run_id="tampered"), 3, monkeypatch)
     path = Path(run.latest_checkpoint()) / "model.safetensors"
     tensors = load_file(path)
     dropped = sorted(tensors)[0]
