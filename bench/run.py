@@ -163,20 +163,20 @@ def run_profile(profile: str, tasks: list[str], methods: list[str], seed: int, r
     partial = tasks != list(TASKS) or methods != METHODS
     if partial and results_path.is_file():  # a partial rerun replaces its own rows and keeps the others
         previous = json.loads(results_path.read_text())
-        chosen = {(t, m) for t in tasks for m in methods}
-        results["rows"] = [r for r in previous["rows"] if (r["task"], r["method"]) not in chosen]
+        results["rows"] = previous["rows"]  # each is replaced when its rerun ends
         results["reruns"] = [*previous.get("reruns", []), {"tasks": ",".join(tasks), "methods": ",".join(methods), "machine": results["machine"]}]
         results["machine"] = previous["machine"]
+    order = {t: i for i, t in enumerate(TASKS)}
     for task in tasks:
         for method in [m for m in methods if m in TASKS[task].get("methods", METHODS)]:
             row = train_row(run_config(task, method, profile, runs_dir, seed), runs_dir, f"{task}-{method}", task, method)
-            results["rows"].append(row)
+            results["rows"] = [r for r in results["rows"] if (r["task"], r["method"]) != (task, method)] + [row]
+            results["rows"].sort(key=lambda r: (order.get(r["task"], 99), METHODS.index(r["method"]) if r["method"] in METHODS else 99))
+            write_json(results_path, results)  # after every run: a long profile keeps what it has
             if "error" in row:
                 continue
             print(f"{task:9s} {method:14s} {row['metric']} {row['value']:.4f}  trained {row['trainable_pct']:.2f} %  "
                   f"{row['seconds_per_epoch']:.1f} s/epoch  {row.get('train_peak_rss_mb') or row['peak_rss_mb']:.0f} MB", flush=True)
-    order = {t: i for i, t in enumerate(TASKS)}
-    results["rows"].sort(key=lambda r: (order.get(r["task"], 99), METHODS.index(r["method"]) if r["method"] in METHODS else 99))
     write_json(results_path, results)
 
 
