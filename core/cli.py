@@ -69,6 +69,8 @@ TRAIN_FLAGS: list[tuple[str, str, str]] = [
     ("--metric", "train.metric", "validation metric for early stopping / best model"),
     ("--eval-steps", "train.eval_steps", "evaluate every N steps (default: every epoch)"),
     ("--threads", "train.threads", "CPU threads for torch"),
+    ("--attention-dropout", "train.attention_dropout", "dropout on attention probabilities while training "
+     "(default: the model's; 0 lets CPU attention use the fused kernel)"),
     ("--run-id", "run_id", "name of the run folder (default: time-task-method)"),
     ("--runs-dir", "runs_dir", "folder holding run folders"),
     ("--init-from", "init_from", "start from this run's tuned model (re-tuning on new data)"),

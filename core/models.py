@@ -149,6 +149,29 @@ def load_task_model(cfg: ModelConfig, task: str, labels: list[str]) -> PreTraine
     return model
 
 
+def set_attention_dropout(model: torch.nn.Module, p: float) -> int:
+    """Set the dropout on attention probabilities of every attention module of `model` (training
+    only: evaluation never drops out) and return how many were set. transformers' attention modules
+    read it at each forward, as `attention_dropout` (Llama, Qwen, ...) or as their `dropout` layer's p
+    (BERT and its kin). With p = 0 torch's scaled_dot_product_attention can take its fused CPU
+    kernel, which never materialises the attention matrix; with p > 0 it falls back to the unfused
+    one and keeps softmax and dropout outputs of batch x heads x length^2 for backward."""
+    count = 0
+    for module in model.modules():
+        if not type(module).__name__.endswith("Attention"):
+            continue
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = float(p)
+            count += 1
+        elif isinstance(getattr(module, "dropout", None), torch.nn.Dropout):
+            module.dropout.p = float(p)
+            count += 1
+    if count == 0:
+        raise ConfigError("train.attention_dropout", f"found no attention module of {type(model).__name__} that "
+                          "reads its dropout as `attention_dropout` or a `dropout` layer: leave it unset for this model")
+    return count
+
+
 def head_param_names(model: torch.nn.Module) -> list[str]:
     """The task head: parameters outside the pretrained body (`base_model_prefix`), plus any the
     checkpoint lacked (initialised at random when the model was loaded)."""

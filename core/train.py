@@ -42,7 +42,7 @@ from core.errors import ConfigError, RunError
 from core.evaluate import corpus_lines, corpus_perplexity, sentence_embeddings
 from core.groups import Partition, partition
 from core.methods import Plan, apply_method
-from core.models import load_task_model, load_tokenizer
+from core.models import load_task_model, load_tokenizer, set_attention_dropout
 from core.runs import Run, create_run, open_run
 from core.scoring import head_warmed, score_groups
 from core.select import Selection, measure_complexity, select_groups, select_random
@@ -87,6 +87,8 @@ def prepare(config: RunConfig, saved_selection: list[str] | None = None) -> Prep
         model.train()
     else:
         model = load_task_model(config.model, config.data.task, data.labels)
+    if config.train.attention_dropout is not None:
+        set_attention_dropout(model, config.train.attention_dropout)
     m = config.method
     needs_batches = (m.name == "camel" and saved_selection is None) or config.groups.options.get("features") == "coactivation"
     n_batches = m.score_batches or score_batches_for(len(data.train), config.train.batch_size)

@@ -246,3 +246,51 @@ def test_training_flops_are_counted_and_backward_stops_at_the_lowest_trained_gro
     assert flops["full"] > flops["last_n"] > flops["head"] > 0  # less of the body in backward, fewer FLOPs
     for t in training.values():
         assert 0 < t["forward_backward_seconds"] <= t["train_seconds"] and t["achieved_gflops"] > 0
+
+
+def attention_kernels(model, batch) -> set[str]:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        model(**batch).logits.sum().backward()
+    return {e.key for e in prof.key_averages() if "attention" in e.key}
+
+
+def test_attention_dropout_zero_reaches_every_attention_module_and_the_fused_kernel(tiny_bert, sentiment_csv, tmp_path):
+    """train.attention_dropout sets the dropout of every attention module of the run's model; at 0,
+    training runs torch's fused CPU attention (the model's own 0.1 forces the unfused one), and a
+    training-mode forward equals an evaluation one once the other dropouts are off too."""
+    cfg = make_config(tiny_bert, sentiment_csv, tmp_path, method="full", attention_dropout=0.0)
+    model = prepare(cfg).model
+    attention = [m for m in model.modules() if type(m).__name__ == "BertSelfAttention"]
+    assert len(attention) == 2 and all(m.dropout.p == 0.0 for m in attention)
+    from transformers import AutoTokenizer
+
+    batch = dict(AutoTokenizer.from_pretrained(tiny_bert)(["the movie was very good", "bad"], return_tensors="pt", padding=True))
+    model.train()
+    assert any("flash_attention" in k for k in attention_kernels(model, batch))
+    default = prepare(make_config(tiny_bert, sentiment_csv, tmp_path, method="full")).model.train()
+    assert all(m.dropout.p == 0.1 for m in default.modules() if type(m).__name__ == "BertSelfAttention")
+    kernels = attention_kernels(default, batch)
+    assert "aten::_scaled_dot_product_attention_math" in kernels and not any("flash" in k for k in kernels)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    with torch.no_grad():
+        trained_mode = model(**batch).logits
+        assert torch.equal(trained_mode, model.eval()(**batch).logits)
+
+
+def test_attention_dropout_is_validated_and_refused_where_a_model_has_none(tiny_llama_config):
+    from transformers import LlamaForCausalLM
+
+    from core.errors import ConfigError
+    from core.models import set_attention_dropout
+
+    with pytest.raises(ConfigError, match=r"train\.attention_dropout.*\[0, 1\)"):
+        RunConfig.from_dict({"data": {"train": "x.csv"}, "train": {"attention_dropout": 1.0}}).validate()
+    llama = LlamaForCausalLM(tiny_llama_config)
+    assert set_attention_dropout(llama, 0.25) == 2
+    assert all(m.attention_dropout == 0.25 for m in llama.modules() if type(m).__name__ == "LlamaAttention")
+    with pytest.raises(ConfigError, match="found no attention module of Linear"):
+        set_attention_dropout(torch.nn.Linear(2, 2), 0.0)
