@@ -177,7 +177,6 @@ def run_profile(profile: str, tasks: list[str], methods: list[str], seed: int, r
                 continue
             print(f"{task:9s} {method:14s} {row['metric']} {row['value']:.4f}  trained {row['trainable_pct']:.2f} %  "
                   f"{row['seconds_per_epoch']:.1f} s/epoch  {row.get('train_peak_rss_mb') or row['peak_rss_mb']:.0f} MB", flush=True)
-    write_json(results_path, results)
 
 
 # Data efficiency: the same methods on a share of the training data; three seeds (subset, split, init) below 100 %.
