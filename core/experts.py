@@ -210,7 +210,13 @@ class _SlicedLinearFn(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, w_slice, b_slice, index, dim):
-        ctx.save_for_backward(x, index)
+        # What the slice's weight gradient reads: the whole input for rows, only the trained input
+        # columns for columns (an FFN output linear keeps k of its 4H input features, not all of them,
+        # so the activation feeding it can be freed after the forward pass).
+        kept = None
+        if ctx.needs_input_grad[3]:
+            kept = x if dim == 0 else x.index_select(-1, index)
+        ctx.save_for_backward(kept, index)
         # Not a saved tensor: SlicedLinear rewrites the trained entries in place before every call
         # (the same values until the optimizer steps, which happens after backward).
         ctx.weight, ctx.dim = weight, dim
@@ -219,14 +225,14 @@ class _SlicedLinearFn(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
-        x, index = ctx.saved_tensors
+        kept, index = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_x = grad @ ctx.weight if need[0] else None
         g = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
         grad_w = None
         if need[3]:
-            x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-            grad_w = g.index_select(1, index).t() @ x2 if ctx.dim == 0 else g.t() @ x2.index_select(1, index)
+            x2 = kept.reshape(-1, kept.shape[-1])  # (tokens, in) for rows, (tokens, k) for columns
+            grad_w = g.index_select(1, index).t() @ x2 if ctx.dim == 0 else g.t() @ x2
         sums = g.sum(0) if need[2] or need[4] else None
         return (grad_x, None, sums if need[2] else None, grad_w,
                 sums.index_select(0, index) if need[4] else None, None, None)

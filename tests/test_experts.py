@@ -176,6 +176,33 @@ def test_head_groups_own_whole_heads_and_train_as_slices(bert, llama, which):
         partition(base, "ffn_clusters", {"attention_experts": 5})
 
 
+def _kept_input_widths(module, x):
+    """Widths of the activation-shaped tensors autograd keeps for one forward and backward of `module`."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        module(x).sum().backward()
+    return sorted(t.shape[-1] for t in saved if t.dim() == x.dim())
+
+
+def test_a_column_slice_keeps_only_its_input_columns_for_backward():
+    """What autograd keeps for a sliced linear: the whole input for rows (their weight gradient reads
+    every input feature), only the k trained input columns for columns (an FFN output linear must not
+    keep its whole 4H-wide input alive), nothing when the slice is not being trained."""
+    from core.experts import SlicedLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    for dim, index, kept_width in [(0, [1, 3], 16), (1, [0, 4, 9], 3)]:
+        sliced = SlicedLinear(torch.nn.Linear(16, 8), dim, index, slice_bias=dim == 0)
+        assert _kept_input_widths(sliced, x) == [kept_width]
+        reference = torch.nn.Linear(16, 8)
+        reference.load_state_dict({"weight": sliced.weight, "bias": sliced.bias})
+        reference(x).sum().backward()
+        torch.testing.assert_close(sliced.weight_slice.grad, reference.weight.grad.index_select(dim, torch.tensor(index)))
+    sliced.weight_slice.requires_grad_(False)
+    assert _kept_input_widths(sliced, x) == []
+
+
 def test_sliced_training_keeps_unselected_entries_exact_and_saves_the_slices(llama):
     """AdamW with weight decay holds the slices alone; every other entry stays bit-identical; merging
     puts plain linears back with the same outputs, and the delta rebuilds the tuned tensors exactly."""
