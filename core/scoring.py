@@ -203,19 +203,30 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
         def hook(p: torch.Tensor) -> None:
             if not last_piece[0]:
                 return  # the batch's gradient is still being added up
-            grad = p.grad.detach().float()
-            sq = grad ** 2
+            grad = p.grad.detach()
+            if grad.is_sparse:  # a token embedding's: only the rows of the batch's tokens
+                grad = grad.coalesce()  # repeated tokens summed, as a dense gradient would hold them
+                if mode == "fisher" and all(idx is None for _, _, idx in takes[name]):
+                    _add_squares(grad.values().float(), takes[name], totals)
+                    p.grad = None
+                    return
+                grad = grad.to_dense()
+            grad = grad.float()
             if mode != "fisher":
                 sums[name] = grad.clone() if name not in sums else sums[name].add_(grad)
             if mode == "adam":
+                sq = grad ** 2
                 squares[name] = sq if name not in squares else squares[name].add_(sq)
-            _add_to_groups(sq, takes[name], totals)
+            _add_squares(grad, takes[name], totals)
             p.grad = None
         return hook
 
     losses = []
     handles = []
+    sparse = _sparse_embeddings(model) if mode == "fisher" else []
     try:
+        for module in sparse:
+            module.sparse = True
         for n, p in params.items():
             p.requires_grad_(True)
             handles.append(p.register_post_accumulate_grad_hook(fold(n)))
@@ -235,6 +246,8 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
             losses.append(loss)
     finally:
         last_piece[0] = True
+        for module in sparse:
+            module.sparse = False
         for h in handles:
             h.remove()
         model.zero_grad(set_to_none=True)
@@ -266,6 +279,30 @@ def _add_to_groups(values: torch.Tensor, takes: list[tuple[str, int | None, torc
             into[group] += whole
         else:
             into[group] += float(values.index_select(dim, idx).sum())
+
+
+def _add_squares(grad: torch.Tensor, takes: list[tuple[str, int | None, torch.Tensor | None]], into: dict[str, float]) -> None:
+    """Add to each group taking part of a parameter the sum of squares of the gradient over its part,
+    without a squared copy of the whole tensor (a dot product of the whole, or of the slice)."""
+    whole = None
+    for group, dim, idx in takes:
+        if idx is None:
+            if whole is None:
+                flat = grad.reshape(-1)
+                whole = float(torch.dot(flat, flat))
+            into[group] += whole
+        else:
+            part = grad.index_select(dim, idx).reshape(-1)
+            into[group] += float(torch.dot(part, part))
+
+
+def _sparse_embeddings(model: nn.Module) -> list[nn.Embedding]:
+    """The model's token embeddings whose gradient can be sparse while scoring: a batch touches a few
+    hundred of their rows, and a dense gradient would be written, squared and summed over the whole
+    vocabulary. Not those already sparse, nor a matrix tied to the output layer (its gradient is dense)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = getattr(output, "weight", None)
+    return [m for m in model.modules() if isinstance(m, nn.Embedding) and not m.sparse and m.weight is not tied]
 
 
 def split_batch(batch: dict[str, torch.Tensor], size: int | None, causal: bool) -> list[tuple[dict[str, torch.Tensor], float]]:

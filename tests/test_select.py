@@ -324,6 +324,7 @@ def test_scoring_in_micro_batches_gives_the_whole_batch_scores(case, tiny_llama_
             if value is not None:
                 assert pieces.raw[name] == pytest.approx(value, rel=1e-4, abs=1e-12), name
     assert all(p.grad is None and p.requires_grad for p in net.parameters())
+    assert not any(m.sparse for m in net.modules() if isinstance(m, torch.nn.Embedding))  # sparse only while scoring
 
 
 def test_head_warmup_changes_the_scores_and_restores_the_head(model, batches):
