@@ -49,7 +49,6 @@ TRAIN_FLAGS: list[tuple[str, str, str]] = [
     ("--score-batches", "method.score_batches", "camel: task batches used for scoring"),
     ("--score-micro-batch", "method.score_micro_batch", "camel: examples per pass while scoring (less memory, same scores)"),
     ("--score-warmup", "method.score_warmup", "camel: head-only steps before scoring (head restored after; 0: none)"),
-    ("--layer-budget", "method.layer_budget", "camel, scope layer: ranked (budget to the best-ranked groups anywhere) | even (each block an equal share first)"),
     ("--depth-keep", "method.depth_keep", "camel: score share kept above the depth floor (1: no floor; auto: 0.95)"),
     ("--match-run", "method.match_run", "random_groups: a run whose trained size to match"),
     ("--select", "method.select", "groups to train, comma-separated names or globs (e.g. layer.4,layer.5)"),

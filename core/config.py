@@ -81,9 +81,6 @@ class MethodConfig:
     # cumulative: "global", "layer" (reach p within each layer, as ESFT does), or "auto": "layer" for token-level tasks
     # (NER, QA, dialogue), which gain from adapting every block, "global" for sentence classification (bench/findings.md)
     scope: str = "auto"
-    # scope layer under a parameter budget: "ranked" spends it on groups in order of their share of their layer's score,
-    # wherever they are; "even" first gives every block an equal share, filled by its best groups (bench/findings.md)
-    layer_budget: str = "ranked"
     top_k: int | None = None  # top_k: number of groups
     budget: float | None = None  # budget / cap: fraction of the model's parameters (auto: from complexity)
     include: list[str] = field(default_factory=list)  # always trained (names or globs)
@@ -266,7 +263,6 @@ class RunConfig:
         _choice("method.scorer", m.scorer, SCORERS)
         _choice("method.rule", m.rule, RULES)
         _choice("method.scope", m.scope, ("auto", "global", "layer"))
-        _choice("method.layer_budget", m.layer_budget, ("ranked", "even"))
         if m.p is not None and not 0.0 < m.p <= 1.0:
             raise ConfigError("method.p", f"must be in (0, 1], got {m.p}")
         if m.budget is not None and not 0.0 < m.budget <= 1.0:

@@ -12,9 +12,6 @@ Rules (each records, for every group, whether it is in and why):
     budget      best-scored groups while their parameters fit in a fraction of the model.
     auto        p and a parameter budget from the task's measured complexity (below), then
                 cumulative under that budget.
-Under scope "layer" a budget is spent on groups in order of their share of their own layer's score
-(`layer_budget: ranked`), wherever they are; `layer_budget: even` first gives every block an equal share
-of it, filled by that block's best groups, then spends what is left in that order.
 Depth floor (`depth_keep`, default 0.95 under auto): backward runs down to the lowest trained group, so
 a tiny norm group in block 0 costs a backward pass through the whole body. The floor is the highest
 block at or above which the rule's own choice holds `depth_keep` of its score; groups below it are
@@ -208,46 +205,30 @@ def select_groups(part: Partition, scores: Scores, cfg: MethodConfig, complexity
 
 def _apply_rule(ranked: list[Choice], rule: str, p: float | None, cfg: MethodConfig, limit: float, budget: float | None,
                 used: int, floor: int | None) -> list[tuple[bool, str]]:
-    """(selected, reason) for each ranked group under the rule; groups below `floor` are not eligible.
-
-    With `layer_budget: even` (scope layer, a finite budget) a first pass gives every eligible block an
-    equal share of the budget, filled by its best-ranked groups; a second pass spends what is left in
-    rank order over every block, as the default `ranked` does from the start."""
-    if rule == "top_k":
-        return [(False, f"below the depth floor (layer {floor}): would make backward run through lower layers")
-                if floor is not None and _depth(c) < floor else
-                (c.rank <= cfg.top_k, f"rank {c.rank} {'within' if c.rank <= cfg.top_k else 'outside'} top {cfg.top_k}")
-                for c in ranked]
-    out: list[tuple[bool, str] | None] = [None] * len(ranked)
+    """(selected, reason) for each ranked group under the rule; groups below `floor` are not eligible."""
+    out: list[tuple[bool, str]] = []
     reached: dict[Any, float] = {}
-    spent: dict[Any, int] = {}
-    blocks = {c.layer for c in ranked if c.layer is not None and (floor is None or c.layer >= floor)}
-    share = ((limit - used) / len(blocks) if cfg.layer_budget == "even" and cfg.scope == "layer" and blocks
-             and math.isfinite(limit) else None)
-    for first in ([True, False] if share is not None else [False]):
-        for i, c in enumerate(ranked):
-            if out[i] is not None or (first and c.layer is None):
-                continue  # decided, or outside the blocks: only after the blocks' shares
+    for c in ranked:
+        if floor is not None and _depth(c) < floor:
+            out.append((False, f"below the depth floor (layer {floor}): would make backward run through lower layers"))
+        elif rule == "cumulative":
             scope = c.layer if cfg.scope == "layer" else "all"
             so_far = reached.get(scope, 0.0)
-            where = f" in layer {c.layer}" if cfg.scope == "layer" else ""
-            if floor is not None and _depth(c) < floor:
-                out[i] = (False, f"below the depth floor (layer {floor}): would make backward run through lower layers")
-            elif rule == "cumulative" and so_far >= p:
-                out[i] = (False, f"cumulative score {so_far:.3f} already reached p={p:.3f}" + where)
+            if so_far >= p:
+                out.append((False, f"cumulative score {so_far:.3f} already reached p={p:.3f}" + (f" in layer {c.layer}" if cfg.scope == "layer" else "")))
             elif used + c.size > limit:
-                out[i] = (False, f"would exceed the parameter budget ({budget:.1%} of the model)")
-            elif first and spent.get(c.layer, 0) + c.size > share:
-                continue  # over its block's share: the second pass decides
+                out.append((False, f"would exceed the parameter budget ({budget:.1%} of the model)"))
             else:
-                used, reached[scope], spent[c.layer] = used + c.size, so_far + (c.normalized or 0.0), spent.get(c.layer, 0) + c.size
-                share_note = f"its layer's even share of the budget ({share / limit * budget:.1%})" if first else ""
-                if rule == "cumulative":
-                    out[i] = (True, f"rank {c.rank}: cumulative score {reached[scope]:.3f} (p={p:.3f})"
-                              + (f"; within {share_note}" if first else ""))
-                else:
-                    out[i] = (True, f"rank {c.rank}: fits {share_note or f'the budget ({budget:.1%})'}")
-    return out  # type: ignore[return-value]  (every group is decided by the last pass)
+                used, reached[scope] = used + c.size, so_far + (c.normalized or 0.0)
+                out.append((True, f"rank {c.rank}: cumulative score {reached[scope]:.3f} (p={p:.3f})"))
+        elif rule == "top_k":
+            out.append((c.rank <= cfg.top_k, f"rank {c.rank} {'within' if c.rank <= cfg.top_k else 'outside'} top {cfg.top_k}"))
+        elif used + c.size <= limit:  # budget
+            used += c.size
+            out.append((True, f"rank {c.rank}: fits the budget ({budget:.1%})"))
+        else:
+            out.append((False, f"would exceed the parameter budget ({budget:.1%} of the model)"))
+    return out
 
 
 def _depth(c: Choice) -> int:

@@ -12,7 +12,7 @@ from core.delta import load_run_model
 from core.errors import ConfigError
 from core.groups import partition
 from core.runs import open_run
-from core.scoring import Scores, normalize, normalize_per_layer, score_groups
+from core.scoring import Scores, normalize, score_groups
 from core.select import budget_for, measure_complexity, select_groups
 from core.train import train
 
@@ -137,30 +137,6 @@ def test_layer_scope_reaches_p_within_each_layer(model):
     sel = select_groups(part, fake_scores(part, values), MethodConfig(name="camel", rule="cumulative", p=0.3, scope="layer"))
     for layer in (0, 1):
         assert any(c.selected for c in sel.choices if c.layer == layer)
-
-
-def test_even_layer_budget_gives_every_block_a_share_before_ranking_across_blocks(model):
-    part = partition(model, "ffn_clusters", {"experts": 4})
-    experts = {layer: [g for g in part.groups if g.kind == "expert" and g.layer == layer] for layer in (0, 1)}
-    values = {g.name: 1.0 for g in part.groups}
-    values[experts[1][0].name], values[experts[1][1].name] = 100.0, 90.0  # block 1's scores sit on two experts
-    values[experts[0][2].name] = 2.0  # block 0's are flat, this expert first
-    raw = {g.name: (None if g.kind in ("head", "head_side") else values[g.name]) for g in part.groups}
-    scores = Scores("gradient", raw, normalize(raw), normalize_per_layer(raw, part), 0.0, 1, 1, 1.0, {})
-    always = sum(g.numel for g in part.groups if g.kind in ("head", "head_side"))
-    size = experts[1][0].numel
-    cfg = {"rule": "budget", "budget": (always + 2 * size) / part.total_params, "scope": "layer"}
-
-    def chosen_experts(sel):
-        return {layer: [g.name for g in group if g.name in sel.selected] for layer, group in experts.items()}
-
-    ranked = select_groups(part, scores, MethodConfig(name="camel", **cfg))
-    assert chosen_experts(ranked) == {0: [], 1: [experts[1][0].name, experts[1][1].name]}  # both shares of 0.5 rank first
-    even = select_groups(part, scores, MethodConfig(name="camel", layer_budget="even", **cfg))
-    picked = chosen_experts(even)
-    assert picked == {0: [experts[0][2].name], 1: [experts[1][0].name]}  # each block's best within its half
-    assert even.selected_params <= always + 2 * size
-    assert "even share of the budget" in next(c.reason for c in even.choices if c.name == experts[1][0].name)
 
 
 @pytest.mark.parametrize("scorer", ["gradient", "gradient_signal", "gradient_adam", "activation", "random"])
