@@ -207,7 +207,7 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
             if grad.is_sparse:  # a token embedding's: only the rows of the batch's tokens
                 grad = grad.coalesce()  # repeated tokens summed, as a dense gradient would hold them
                 if mode == "fisher" and all(idx is None for _, _, idx in takes[name]):
-                    _add_squares(grad.values().float(), takes[name], totals)
+                    _add_to_groups(grad.values().float(), takes[name], totals, _sum_of_squares)
                     p.grad = None
                     return
                 grad = grad.to_dense()
@@ -217,7 +217,7 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
             if mode == "adam":
                 sq = grad ** 2
                 squares[name] = sq if name not in squares else squares[name].add_(sq)
-            _add_squares(grad, takes[name], totals)
+            _add_to_groups(grad, takes[name], totals, _sum_of_squares)
             p.grad = None
         return hook
 
@@ -269,31 +269,23 @@ def score_gradient(model: nn.Module, part: Partition, batches: list[dict], seed:
             for g in part.groups}, losses
 
 
-def _add_to_groups(values: torch.Tensor, takes: list[tuple[str, int | None, torch.Tensor | None]], into: dict[str, float]) -> None:
-    """Add to each group taking part of a parameter the sum of `values` (per entry of that parameter)
-    over its part: the whole tensor, or its slice (dim, index)."""
+def _add_to_groups(values: torch.Tensor, takes: list[tuple[str, int | None, torch.Tensor | None]], into: dict[str, float],
+                   total: Callable[[torch.Tensor], torch.Tensor] = torch.sum) -> None:
+    """Add to each group taking part of a parameter the `total` (default: the sum) of `values` (per entry
+    of that parameter) over its part: the whole tensor, or its slice (dim, index)."""
     whole = None
     for group, dim, idx in takes:
         if idx is None:
-            whole = float(values.sum()) if whole is None else whole
+            whole = float(total(values)) if whole is None else whole
             into[group] += whole
         else:
-            into[group] += float(values.index_select(dim, idx).sum())
+            into[group] += float(total(values.index_select(dim, idx)))
 
 
-def _add_squares(grad: torch.Tensor, takes: list[tuple[str, int | None, torch.Tensor | None]], into: dict[str, float]) -> None:
-    """Add to each group taking part of a parameter the sum of squares of the gradient over its part,
-    without a squared copy of the whole tensor (a dot product of the whole, or of the slice)."""
-    whole = None
-    for group, dim, idx in takes:
-        if idx is None:
-            if whole is None:
-                flat = grad.reshape(-1)
-                whole = float(torch.dot(flat, flat))
-            into[group] += whole
-        else:
-            part = grad.index_select(dim, idx).reshape(-1)
-            into[group] += float(torch.dot(part, part))
+def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """A dot product with itself: no squared copy of the tensor."""
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 def _sparse_embeddings(model: nn.Module) -> list[nn.Embedding]:
